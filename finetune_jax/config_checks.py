@@ -1,0 +1,37 @@
+"""Checks on a config that catch a user's mistakes before any expensive work."""
+
+# Every shipped config has these keys (the CLI contract).
+REQUIRED_KEYS = ('seed', 'total_steps', 'batch_size', 'learning_rate',
+                 'warmup_steps', 'eval_every', 'checkpoint_every', 'pretrained',
+                 'dataset', 'peft.method', 'parallel')
+
+
+def _has(config, dotted: str) -> bool:
+  node = config
+  for part in dotted.split('.'):
+    if part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def validate(config, num_devices: int) -> None:
+  """Raises one ValueError that lists every problem found, with its fix."""
+  missing = [k for k in REQUIRED_KEYS if not _has(config, k)]
+  if missing:
+    raise ValueError(f'The config lacks required keys {missing}; add them to get_config().')
+  problems = []
+  for key in ('total_steps', 'batch_size', 'eval_every', 'checkpoint_every',
+              'eval_batch_size', 'log_every'):
+    if key in config and config[key] <= 0:
+      problems.append(f'{key}={config[key]} must be positive')
+  if config.warmup_steps < 0:
+    problems.append(f'warmup_steps={config.warmup_steps} must be >= 0')
+  if config.learning_rate <= 0:
+    problems.append(f'learning_rate={config.learning_rate} must be positive')
+  for key in ('batch_size', 'eval_batch_size'):
+    if key in config and config[key] % num_devices:
+      problems.append(f'{key}={config[key]} must be divisible by the '
+                      f'{num_devices} devices (parallel={config.parallel!r})')
+  if problems:
+    raise ValueError('Invalid config: ' + '; '.join(problems) + '.')

@@ -1,0 +1,436 @@
+"""Reads PyTorch checkpoints (.pth/.pt/.bin) into numpy, never running pickle code.
+
+A `torch.save` file is a pickle whose tensors point at raw storages kept next
+to it: in the zip format (torch >= 1.6) as `<prefix>/data/<key>` records, in
+the legacy format as a run of `[int64 count][bytes]` blocks after the pickle.
+Pickle can call any importable function, so we unpickle with a whitelist:
+only containers and the few torch names that describe tensors and storages
+resolve, each to a pure-numpy stand-in here. Anything else is refused before
+it is called, with instructions to convert the file to safetensors.
+
+torch is not imported at runtime.
+"""
+import collections
+import io
+import os
+import pickle
+import struct
+import zipfile
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_PROTOCOL = 1001
+
+
+class UnsafeCheckpointError(ValueError):
+  """The checkpoint pickles objects other than tensors and plain containers."""
+
+
+class CheckpointFormatError(ValueError):
+  """The file is not a readable PyTorch checkpoint (truncated, corrupt, other)."""
+
+
+# Element types by torch's names: `torch.FloatStorage` (typed storages) and
+# `torch.float32` (the dtype argument of `_rebuild_tensor_v3`).
+_STORAGE_DTYPES = {
+    'DoubleStorage': np.float64,
+    'FloatStorage': np.float32,
+    'HalfStorage': np.float16,
+    'BFloat16Storage': ml_dtypes.bfloat16,
+    'LongStorage': np.int64,
+    'IntStorage': np.int32,
+    'ShortStorage': np.int16,
+    'CharStorage': np.int8,
+    'ByteStorage': np.uint8,
+    'BoolStorage': np.bool_,
+    'ComplexFloatStorage': np.complex64,
+    'ComplexDoubleStorage': np.complex128,
+    'UntypedStorage': np.uint8,  # bytes; the tensor says what they hold
+}
+_TORCH_DTYPES = {
+    'float64': np.float64, 'double': np.float64,
+    'float32': np.float32, 'float': np.float32,
+    'float16': np.float16, 'half': np.float16,
+    'bfloat16': ml_dtypes.bfloat16,
+    'float8_e4m3fn': ml_dtypes.float8_e4m3fn,
+    'float8_e5m2': ml_dtypes.float8_e5m2,
+    'float8_e4m3fnuz': ml_dtypes.float8_e4m3fnuz,
+    'float8_e5m2fnuz': ml_dtypes.float8_e5m2fnuz,
+    'int64': np.int64, 'long': np.int64,
+    'int32': np.int32, 'int': np.int32,
+    'int16': np.int16, 'short': np.int16,
+    'int8': np.int8,
+    'uint64': np.uint64, 'uint32': np.uint32, 'uint16': np.uint16,
+    'uint8': np.uint8,
+    'bool': np.bool_,
+    'complex64': np.complex64, 'complex128': np.complex128,
+}
+
+
+def _convert_hint(path: str) -> str:
+  return (
+      f'To use it, convert it once in an environment where you trust the file: '
+      f'`sd = torch.load({path!r}, weights_only=False)`; if that gives a module, '
+      f'take `sd = sd.state_dict()`; then '
+      f'`safetensors.torch.save_file({{k: v.contiguous() for k, v in sd.items()}}, '
+      f'"model.safetensors")` and load the .safetensors file instead.')
+
+
+# ---------------------------------------------------------------- stand-ins
+
+
+class _StorageType:
+  """Stands in for `torch.FloatStorage` etc.: just an element type."""
+
+  def __init__(self, name: str, dtype):
+    self.name, self.dtype = name, np.dtype(dtype)
+
+
+class _Storage:
+  """A flat run of elements, filled from the file after unpickling."""
+
+  def __init__(self, key: str, dtype: np.dtype, numel: int):
+    self.key, self.dtype, self.numel = key, dtype, numel
+    self.data = None  # 1-D np.ndarray of `dtype`, set by the reader.
+    self.view_of = None  # (root storage, element offset) for legacy views.
+
+  def array(self) -> np.ndarray:
+    if self.view_of is not None:
+      root, offset = self.view_of
+      return root.array().view(np.uint8)[
+          offset * self.dtype.itemsize:(offset + self.numel) * self.dtype.itemsize
+      ].view(self.dtype)
+    if self.data is None:
+      raise CheckpointFormatError(f'storage {self.key!r} has no data in the file.')
+    return self.data
+
+
+class _PendingTensor:
+  """A tensor whose storage bytes have not been read yet."""
+
+  def __init__(self, storage, offset, size, stride, dtype=None):
+    if not isinstance(storage, _Storage):
+      raise CheckpointFormatError(
+          f'a tensor refers to {type(storage).__name__}, not a storage.')
+    for name, value in (('size', size), ('stride', stride)):
+      if not (isinstance(value, tuple) and
+              all(isinstance(v, int) and v >= 0 for v in value)):
+        raise CheckpointFormatError(f'bad tensor {name} {value!r}.')
+    if len(size) != len(stride) or not (isinstance(offset, int) and offset >= 0):
+      raise CheckpointFormatError(
+          f'bad tensor layout: size {size}, stride {stride}, offset {offset}.')
+    self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+    self.dtype = np.dtype(dtype) if dtype is not None else storage.dtype
+
+  def materialise(self) -> np.ndarray:
+    flat = self.storage.array()
+    if self.dtype != flat.dtype:  # untyped (byte) storage holding `dtype`
+      if flat.nbytes % self.dtype.itemsize:
+        raise CheckpointFormatError(
+            f'storage {self.storage.key!r} of {flat.nbytes} bytes does not hold '
+            f'whole {self.dtype} elements.')
+      flat = flat.view(self.dtype)
+    if 0 in self.size:
+      return np.zeros(self.size, self.dtype)
+    last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
+    if last >= flat.size:
+      raise CheckpointFormatError(
+          f'tensor of size {self.size}, stride {self.stride}, offset {self.offset} '
+          f'reads past the end of storage {self.storage.key!r} '
+          f'({flat.size} elements): the file is corrupt or truncated.')
+    item = flat.itemsize
+    view = np.lib.stride_tricks.as_strided(
+        flat[self.offset:], shape=self.size,
+        strides=tuple(s * item for s in self.stride), writeable=False)
+    return np.array(view, copy=True)  # contiguous, owned, writable
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride,
+                       requires_grad=False, backward_hooks=None, metadata=None):
+  del requires_grad, backward_hooks, metadata
+  return _PendingTensor(storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,
+                       backward_hooks, dtype, metadata=None):
+  del requires_grad, backward_hooks, metadata
+  if not isinstance(dtype, _TorchDtype):
+    raise CheckpointFormatError(f'bad tensor dtype {dtype!r}.')
+  return _PendingTensor(storage, storage_offset, tuple(size), tuple(stride),
+                        dtype.dtype)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None,
+                       state=None):
+  del requires_grad, backward_hooks, state
+  return data
+
+
+class _TensorClass:
+  """Stands in for `torch.Tensor` / `torch.nn.Parameter` as a type argument."""
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+  """Tensor subclasses wrap their rebuild call; plain types only."""
+  del state
+  if not isinstance(new_type, _TensorClass) or func not in _REBUILD_FUNCTIONS:
+    raise CheckpointFormatError('unsupported tensor subclass in checkpoint.')
+  return func(*args)
+
+
+class _TorchDtype:
+
+  def __init__(self, name):
+    self.name, self.dtype = name, np.dtype(_TORCH_DTYPES[name])
+
+
+_REBUILD_FUNCTIONS = (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
+
+_ALLOWED = {
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_tensor_v3'): _rebuild_tensor_v3,
+    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
+    ('torch._tensor', '_rebuild_from_type_v2'): _rebuild_from_type_v2,
+    ('torch', 'Tensor'): _TensorClass(),
+    ('torch.nn.parameter', 'Parameter'): _TensorClass(),
+    **{('torch', n): _StorageType(n, t) for n, t in _STORAGE_DTYPES.items()},
+    ('torch.storage', 'UntypedStorage'): _StorageType('UntypedStorage', np.uint8),
+    **{('torch', n): _TorchDtype(n) for n in _TORCH_DTYPES},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Resolves only whitelisted names; storages become `_Storage` stand-ins."""
+
+  def __init__(self, file, path: str, make_storage):
+    super().__init__(file)
+    self._path = path
+    self._make_storage = make_storage
+
+  def find_class(self, module, name):
+    try:
+      return _ALLOWED[(module, name)]
+    except KeyError:
+      raise UnsafeCheckpointError(
+          f'{self._path} holds arbitrary pickled objects, not only tensors: it '
+          f'refers to `{module}.{name}`, and finetune_jax never runs code from '
+          f'a checkpoint. {_convert_hint(self._path)}') from None
+
+  def persistent_load(self, pid):
+    if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == 'storage'
+            and isinstance(pid[1], _StorageType) and isinstance(pid[4], int)
+            and pid[4] >= 0):
+      raise CheckpointFormatError(
+          f'{self._path}: unexpected persistent id {pid!r:.200}.')
+    _, storage_type, key, _location, numel, *view = pid
+    return self._make_storage(str(key), storage_type.dtype, numel,
+                              view[0] if view else None)
+
+
+# ---------------------------------------------------------------- formats
+
+
+def _from_bytes(raw: bytes, dtype: np.dtype, big_endian: bool) -> np.ndarray:
+  """A 1-D array of `dtype` from raw storage bytes of the given byte order."""
+  if not big_endian or dtype.itemsize == 1:
+    return np.frombuffer(raw, dtype=dtype)
+  unit = dtype.itemsize // 2 if dtype.kind == 'c' else dtype.itemsize
+  swapped = np.frombuffer(raw, dtype=f'>u{unit}').astype(f'<u{unit}')
+  return swapped.view(dtype)
+
+
+def _unpickle(data_pkl, path, make_storage):
+  try:
+    return _RestrictedUnpickler(data_pkl, path, make_storage).load()
+  except (UnsafeCheckpointError, CheckpointFormatError):
+    raise
+  except Exception as e:  # pickle reports corruption in many ways
+    raise CheckpointFormatError(
+        f'{path}: cannot parse the checkpoint pickle ({type(e).__name__}: {e}); '
+        f'the file is truncated or corrupt.') from None
+
+
+def _read_zip(path: str) -> Any:
+  try:
+    archive = zipfile.ZipFile(path)
+  except zipfile.BadZipFile as e:
+    raise CheckpointFormatError(
+        f'{path} looks like a zip PyTorch checkpoint but cannot be opened ({e}); '
+        f'the file is truncated or corrupt. Download or save it again.') from None
+  with archive:
+    names = archive.namelist()
+    pickles = [n for n in names if n.endswith('data.pkl') and n.count('/') == 1]
+    if len(pickles) != 1:
+      raise CheckpointFormatError(
+          f'{path} is a zip file but not a PyTorch checkpoint: expected one '
+          f'`<name>/data.pkl`, found {pickles or "none"}.')
+    prefix = pickles[0][:-len('data.pkl')]
+    big_endian = False
+    if prefix + 'byteorder' in names:
+      big_endian = archive.read(prefix + 'byteorder').strip() == b'big'
+    storages = {}
+
+    def make_storage(key, dtype, numel, view):
+      if view is not None:
+        raise CheckpointFormatError(f'{path}: storage views are not zip-format.')
+      if key not in storages:
+        storages[key] = _Storage(key, dtype, numel)
+      return storages[key]
+
+    obj = _unpickle(io.BytesIO(archive.read(pickles[0])), path, make_storage)
+    for key, storage in storages.items():
+      record = f'{prefix}data/{key}'
+      try:
+        raw = archive.read(record)
+      except KeyError:
+        raise CheckpointFormatError(f'{path}: missing tensor data {record}.') from None
+      except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointFormatError(
+            f'{path}: cannot read {record} ({e}); the file is corrupt.') from None
+      need = storage.numel * storage.dtype.itemsize
+      if len(raw) < need:
+        raise CheckpointFormatError(
+            f'{path}: {record} has {len(raw)} bytes, the pickle needs {need}; '
+            f'the file is truncated or corrupt.')
+      storage.data = _from_bytes(raw[:need], storage.dtype, big_endian)
+  return obj
+
+
+def _read_legacy(path: str) -> Any:
+  """The pre-1.6 format: magic, protocol, sys info, object, keys, storages."""
+  with open(path, 'rb') as f:
+    header = []
+    for what in ('magic number', 'protocol version', 'system info'):
+      try:
+        header.append(_RestrictedUnpickler(f, path, None).load())
+      except UnsafeCheckpointError:
+        raise
+      except Exception:
+        raise CheckpointFormatError(
+            f'{path} is not a PyTorch checkpoint: cannot read its {what} '
+            f'(expected a zip archive or the legacy pickle format). If it is a '
+            f'very old tar-based torch file, re-save it with a recent torch.') from None
+    magic, protocol, sys_info = header
+    if magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL:
+      raise CheckpointFormatError(
+          f'{path} is not a PyTorch checkpoint (bad magic number/protocol).')
+    big_endian = not (isinstance(sys_info, dict) and sys_info.get('little_endian', True))
+    storages, views = {}, []
+
+    def make_storage(key, dtype, numel, view):
+      if key not in storages:
+        storages[key] = _Storage(key, dtype, numel)
+      if view is None:
+        return storages[key]
+      view_key, offset, view_numel = view
+      storage = _Storage(str(view_key), dtype, view_numel)
+      storage.view_of = (storages[key], offset)
+      views.append(storage)
+      return storage
+
+    obj = _unpickle(f, path, make_storage)
+    keys = _unpickle(f, path, None)
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+      raise CheckpointFormatError(f'{path}: bad storage key list.')
+    for key in keys:
+      if key not in storages:
+        raise CheckpointFormatError(f'{path}: data for unknown storage {key!r}.')
+      storage = storages[key]
+      count = f.read(8)
+      if len(count) < 8:
+        raise CheckpointFormatError(
+            f'{path} is truncated: the data of storage {key!r} is missing.')
+      (numel,) = struct.unpack('>q' if big_endian else '<q', count)
+      need = numel * storage.dtype.itemsize
+      raw = f.read(need)
+      if numel != storage.numel or len(raw) != need:
+        raise CheckpointFormatError(
+            f'{path} is truncated or corrupt: storage {key!r} should hold '
+            f'{storage.numel} elements ({storage.numel * storage.dtype.itemsize} '
+            f'bytes), found {len(raw)} bytes.')
+      storage.data = _from_bytes(raw, storage.dtype, big_endian)
+  return obj
+
+
+def _materialise(obj):
+  """Replaces every pending tensor in a container tree by its numpy array."""
+  if isinstance(obj, _PendingTensor):
+    return obj.materialise()
+  if isinstance(obj, dict):
+    for k in list(obj):
+      obj[k] = _materialise(obj[k])
+    return obj
+  if isinstance(obj, list):
+    return [_materialise(v) for v in obj]
+  if isinstance(obj, tuple):
+    return tuple(_materialise(v) for v in obj)
+  return obj
+
+
+# ---------------------------------------------------------------- public
+
+
+def read_torch_checkpoint(path: str | os.PathLike) -> Any:
+  """The object a `torch.save` file holds, with tensors as numpy arrays.
+
+  Only dicts, lists, tuples, scalars, strings and tensors are accepted.
+  Raises UnsafeCheckpointError for anything else (nothing in the file is
+  executed) and CheckpointFormatError for truncated or foreign files.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No checkpoint file at {path!r}.')
+  with open(path, 'rb') as f:
+    head = f.read(4)
+  if head.startswith(b'PK'):
+    obj = _read_zip(path)
+  else:
+    obj = _read_legacy(path)
+  return _materialise(obj)
+
+
+_WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model', 'module')
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """A flat `{name: np.ndarray}` from a PyTorch state-dict file.
+
+  Nested dicts are joined with '.', like `module.state_dict()` keys. A
+  training checkpoint `{'state_dict': {...}, 'epoch': 3, ...}` is unwrapped.
+  """
+  path = os.fspath(path)
+  obj = read_torch_checkpoint(path)
+  if isinstance(obj, dict):
+    for key in _WRAPPER_KEYS:
+      inner = obj.get(key)
+      if isinstance(inner, dict) and any(
+          not isinstance(v, (np.ndarray, dict)) for v in obj.values()):
+        obj = inner
+        break
+  if not isinstance(obj, dict):
+    raise CheckpointFormatError(
+        f'{path} holds a {type(obj).__name__}, not a state dict (a dict of '
+        f'tensors).')
+  flat = {}
+
+  def visit(prefix, tree):
+    for k, v in tree.items():
+      name = f'{prefix}{k}'
+      if isinstance(v, dict):
+        visit(name + '.', v)
+      elif isinstance(v, np.ndarray):
+        flat[name] = v
+      else:
+        raise CheckpointFormatError(
+            f'{path}: entry {name!r} is a {type(v).__name__}, not a tensor; '
+            f'save `model.state_dict()` only.')
+
+  visit('', obj)
+  if not flat:
+    raise CheckpointFormatError(f'{path} holds no tensors.')
+  return flat

@@ -1,0 +1,216 @@
+"""Datasets for fine-tuning: offline TFDS builders and grain pipelines.
+
+    split = data.load_split('fashion_mnist', 'train')
+    for batch in data.train_batches(split, batch_size=128, seed=0):
+      ...  # {'image': uint8 [128, 28, 28, 1], 'label': int32 [128]}
+
+Names in `DATASETS` are the offline datasets (`python -m
+finetune_jax.data.prepare` builds them); any other name is read as a
+standard TFDS dataset already prepared, in array_record format, in the data
+dir. This module also answers "what is prepared where", so a missing dataset
+fails with one clear message before any expensive work.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from typing import Sequence
+
+from finetune_jax.data import builders
+from finetune_jax.data.fashion_mnist import FashionMnistOffline
+from finetune_jax.data.fortunes import Fortunes
+from finetune_jax.data.fortunes import FortunesPoems
+from finetune_jax.data.mnist5k import Mnist5k
+from finetune_jax.data.pipeline import Split
+from finetune_jax.data.pipeline import eval_batches
+from finetune_jax.data.pipeline import train_batches
+
+__all__ = ['DATASETS', 'Split', 'load_split', 'train_batches', 'eval_batches',
+           'prepare']
+
+# Builder name (the directory TFDS writes in the data dir) -> class.
+OFFLINE_BUILDERS: dict[str, type[builders.OfflineBuilder]] = {
+    cls.name: cls for cls in (FashionMnistOffline, Mnist5k, Fortunes,
+                              FortunesPoems)
+}
+# Public name -> builder name. `fashion_mnist_offline` keeps clear of TFDS's
+# own `fashion_mnist` (a different builder: PNG images, downloads).
+DATASETS: dict[str, str] = {
+    'fashion_mnist': FashionMnistOffline.name,
+    'mnist5k': Mnist5k.name,
+    'fortunes': Fortunes.name,
+    'fortunes_poems': FortunesPoems.name,
+}
+PREPARE_COMMAND = 'python -m finetune_jax.data.prepare'
+_TFDS_BUILD_HINT = (
+    'build it where TFDS can download it (network; TensorFlow for most '
+    'image datasets) with `tfds build <name> --file_format=array_record`, '
+    'then copy its <name>/ dir into {data_dir}')
+
+
+def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
+  """Random-access view of one split (TFDS split syntax, e.g. 'train[:90%]').
+
+  Raises one ValueError, before reading any data, if `name` is unknown or not
+  prepared in the data dir, or if `split` names a split it does not have.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = resolve_data_dir(data_dir)
+  version_dir = prepared_version_dir(name, data_dir)
+  if version_dir is None:
+    raise not_prepared_error(name, data_dir)
+  _check_format_and_split(name, split, version_dir)
+  tfds_name = f'{builder_name(name)}:{os.path.basename(version_dir)}'
+  source = tfds.data_source(tfds_name, split=split, data_dir=data_dir)
+  features = source.dataset_info.features
+  label = features['label'] if 'label' in features.keys() else None
+  if not isinstance(label, tfds.features.ClassLabel):
+    label = None
+  return Split(
+      source=source,
+      num_examples=len(source),
+      num_classes=label.num_classes if label else None,
+      class_names=list(label.names) if label else None,
+  )
+
+
+def prepare(names: Sequence[str] = (), data_dir: str | None = None,
+            log: bool = False) -> dict[str, float]:
+  """Fetches the raw files and builds the named offline datasets.
+
+  All of them when `names` is empty. Idempotent: prepared datasets are
+  skipped after a file check. Returns the seconds spent per dataset.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = resolve_data_dir(data_dir)
+  names = list(dict.fromkeys(names or DATASETS))
+  not_offline = [n for n in names if not is_offline(n)]
+  if not_offline:
+    raise ValueError(
+        f'Cannot prepare {not_offline}: only the offline datasets '
+        f'({", ".join(DATASETS)}) are built here. Other TFDS datasets: '
+        f'{_TFDS_BUILD_HINT.format(data_dir=data_dir)}.')
+  manual_dir = os.path.join(data_dir, 'downloads', 'manual')
+  deb_cache = os.path.join(data_dir, 'downloads', 'debs')
+  seconds = {}
+  for name in names:
+    start = time.perf_counter()
+    status = 'already prepared'
+    if prepared_version_dir(name, data_dir) is None:
+      cls = OFFLINE_BUILDERS[builder_name(name)]
+      cls.fetch_raw(manual_dir, deb_cache)
+      cls(data_dir=data_dir, file_format='array_record').download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      status = 'prepared'
+    seconds[name] = time.perf_counter() - start
+    if log:
+      print(f'{name}: {status} in {seconds[name]:.1f}s '
+            f'({offline_version_dir(name, data_dir)})', flush=True)
+  return seconds
+
+
+# ------------------------------------------------- what is prepared where
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> str:
+  """`data_dir`, else $TFDS_DATA_DIR, else TFDS's default ~/tensorflow_datasets."""
+  data_dir = data_dir or os.environ.get('TFDS_DATA_DIR') or (
+      '~/tensorflow_datasets')
+  return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+
+
+def builder_name(name: str) -> str:
+  """Alias -> TFDS builder name; other names pass through unchanged."""
+  return DATASETS.get(name, name)
+
+
+def is_offline(name: str) -> bool:
+  return builder_name(name) in OFFLINE_BUILDERS
+
+
+def offline_version_dir(name: str, data_dir: str) -> str:
+  """Where an offline dataset's current version lives, prepared or not."""
+  cls = OFFLINE_BUILDERS[builder_name(name)]
+  return os.path.join(data_dir, cls.name, str(cls.VERSION))
+
+
+def prepared_datasets(data_dir: str) -> dict[str, str]:
+  """Datasets prepared in `data_dir`: 'name' or 'name/config' -> version.
+
+  Prepared means `<name>[/<config>]/<version>/dataset_info.json` exists;
+  where several versions exist, the highest wins.
+  """
+  found: dict[str, str] = {}
+  for pattern in ('*/*/dataset_info.json', '*/*/*/dataset_info.json'):
+    for info_path in glob.glob(os.path.join(data_dir, pattern)):
+      *name_parts, version = os.path.relpath(
+          os.path.dirname(info_path), data_dir).split(os.sep)
+      name = '/'.join(name_parts)
+      if name_parts[0] == 'downloads' or not version[:1].isdigit():
+        continue  # raw files, or TFDS's `incomplete.*` staging dirs
+      if name not in found or _version_key(version) > _version_key(
+          found[name]):
+        found[name] = version
+  return dict(sorted(found.items()))
+
+
+def prepared_version_dir(name: str, data_dir: str) -> str | None:
+  """The version dir `load_split` would read, or None if not prepared."""
+  if is_offline(name):
+    version_dir = offline_version_dir(name, data_dir)
+  else:
+    version = prepared_datasets(data_dir).get(name)
+    if version is None:
+      return None
+    version_dir = os.path.join(data_dir, name, version)
+  if not os.path.exists(os.path.join(version_dir, 'dataset_info.json')):
+    return None
+  return version_dir
+
+
+def not_prepared_error(name: str, data_dir: str) -> ValueError:
+  """One message: what is known, what is prepared, and the command to fix it."""
+  prepared = ', '.join(prepared_datasets(data_dir)) or '(none)'
+  aliases = ', '.join(a if a == b else f'{a} (-> {b})'
+                      for a, b in DATASETS.items())
+  if is_offline(name):
+    head = (f'Dataset {name!r} is not prepared in {data_dir} (no '
+            f'{offline_version_dir(name, data_dir)}/dataset_info.json).')
+    command = f'{PREPARE_COMMAND} {name} --data_dir {data_dir}'
+  else:
+    head = (f'Unknown dataset {name!r}: not an offline dataset, and no '
+            f'prepared TFDS dataset of that name in {data_dir}.')
+    command = f'{PREPARE_COMMAND} <name> --data_dir {data_dir}'
+  return ValueError(
+      f'{head}\n'
+      f'  Offline datasets: {aliases}\n'
+      f'  Prepared in {data_dir}: {prepared}\n'
+      f'  To prepare an offline dataset: {command}\n'
+      f'  (`make install` prepares them all into the default data dir).\n'
+      f'  Any other TFDS dataset must already be in the data dir as '
+      f'array_record: {_TFDS_BUILD_HINT.format(data_dir=data_dir)}.')
+
+
+def _check_format_and_split(name: str, split: str, version_dir: str) -> None:
+  """Random access needs array_record; TFDS's own split error is cryptic."""
+  with open(os.path.join(version_dir, 'dataset_info.json')) as f:
+    info = json.load(f)
+  file_format = info.get('fileFormat', 'tfrecord')
+  if 'array_record' not in [file_format, *info.get('alternativeFileFormats',
+                                                     [])]:
+    raise ValueError(
+        f'Dataset {name!r} in {version_dir} is stored as {file_format}; '
+        'random access needs array_record. Rebuild it with '
+        '`--file_format=array_record`.')
+  available = [s['name'] for s in info.get('splits', [])]
+  for requested in (p.split('[')[0].strip() for p in split.split('+')):
+    if requested not in available:
+      raise ValueError(f'Dataset {name!r} has no split {requested!r}; its '
+                       f'splits: {", ".join(available)}.')
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+  return tuple(int(p) if p.isdigit() else -1 for p in version.split('.'))

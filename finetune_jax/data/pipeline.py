@@ -1,0 +1,192 @@
+"""Grain pipelines: an infinite, resumable training stream and a padded eval pass.
+
+Both are `grain.MapDataset`s over example *indices*: range -> shuffle ->
+repeat -> batch gives each step's indices as a pure function of (seed,
+step), and one map per batch reads those examples with a single batched
+read (`source.__getitems__`). Resuming is slicing at `start_step`; there is
+no iterator state to save. Reading per batch rather than per example is
+what makes this fast: array_record serves a batched read ~13x faster than
+single reads (measured on Fashion-MNIST: ~9k vs ~2.2k examples/s end to end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Sequence
+
+from absl import flags
+import grain
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+# Batches buffered ahead by reader threads. Grain's default (500 elements)
+# means 500 *batches* here: fine for MNIST, gigabytes for 224px images.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
+@dataclasses.dataclass
+class Split:
+  """One split of a dataset, ready for `train_batches` / `eval_batches`."""
+
+  source: Any  # len(source); source[i] -> dict of numpy values / bytes / ints
+  num_examples: int
+  num_classes: int | None
+  class_names: list[str] | None
+
+
+def train_batches(split: Split, *, batch_size: int, seed: int,
+                  start_step: int = 0, transform: Callable | None = None,
+                  worker_count: int = 0) -> Iterator[Batch]:
+  """Infinite stream of global batches, reshuffled every epoch.
+
+  Batch k is a pure function of (seed, k): `start_step=k` yields exactly what
+  an uninterrupted run sees from step k on. Epochs are shuffled, then
+  concatenated, then batched: no example is dropped, and a batch may
+  straddle two epochs.
+
+  Args:
+    split: from `load_split`.
+    batch_size: global batch size (leading dim of every array).
+    seed: shuffle seed (also seeds a random transform).
+    start_step: index of the first batch to yield.
+    transform: per-example function, a `grain.transforms.Map`, or a
+      `grain.transforms.RandomMap` (given a generator seeded by (seed, step),
+      so augmentation is resumable too). Runs in the grain workers.
+    worker_count: grain worker processes; 0 reads in this process.
+  """
+  _check_positive(batch_size=batch_size)
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}.')
+  if split.num_examples == 0:
+    raise ValueError('Cannot draw training batches from an empty split.')
+  shuffle_seed = _shuffle_seed(seed)
+  indices = grain.MapDataset.range(len(split.source)).shuffle(seed=shuffle_seed)
+  indices = indices.repeat()  # each epoch is reshuffled (seed + epoch)
+  batches = indices.batch(batch_size, drop_remainder=True).map_with_index(
+      ReadBatch(split.source, transform, shuffle_seed))
+  return _iterate(batches[start_step:], worker_count)
+
+
+def eval_batches(split: Split, *, batch_size: int,
+                 transform: Callable | None = None,
+                 worker_count: int = 0) -> Iterator[Batch]:
+  """One pass over the split in stored order, every batch exactly batch_size.
+
+  The last batch is padded with blank examples; `mask` (bool [B]) is True
+  for real examples, so summing metrics under the mask counts each once.
+  """
+  _check_positive(batch_size=batch_size)
+  batches = grain.MapDataset.range(len(split.source)).batch(batch_size)
+  batches = batches.map_with_index(
+      ReadBatch(split.source, transform, seed=0, pad_to=batch_size))
+  return _iterate(batches, worker_count)
+
+
+class ReadBatch:
+  """(step, example indices) -> batch: batched read, transform, stack.
+
+  A class rather than a closure so grain can pickle it into worker processes.
+  """
+
+  def __init__(self, source, transform=None, seed: int = 0,
+               pad_to: int | None = None):
+    self.source = source
+    self.transform = transform
+    self.seed = seed
+    self.pad_to = pad_to
+
+  def __call__(self, step: int, indices: np.ndarray) -> Batch:
+    examples = read_examples(self.source, indices.tolist())
+    examples = self._transformed(step, examples)
+    if self.pad_to is None:
+      return stack_examples(examples)
+    num_real = len(examples)
+    examples += [blank_like(examples[0])] * (self.pad_to - num_real)
+    batch = stack_examples(examples)
+    batch['mask'] = np.arange(self.pad_to) < num_real
+    return batch
+
+  def _transformed(self, step: int, examples: list) -> list:
+    transform = self.transform
+    if transform is None:
+      return list(examples)
+    if isinstance(transform, grain.transforms.RandomMap):
+      rng = np.random.default_rng([self.seed, step])
+      return [transform.random_map(ex, rng) for ex in examples]
+    if isinstance(transform, grain.transforms.Map):
+      transform = transform.map
+    return [transform(ex) for ex in examples]
+
+
+def read_examples(source, indices: Sequence[int]) -> list:
+  """One batched read where the source offers it (TFDS data sources do)."""
+  if hasattr(source, '__getitems__'):
+    return list(source.__getitems__(indices))
+  return [source[i] for i in indices]
+
+
+def stack_examples(examples: Sequence[dict[str, Any]]) -> Batch:
+  """Stacks examples into arrays with a leading batch dimension.
+
+  Text (bytes/str) goes into object arrays, kept as Python objects for the
+  tokeniser; int64 becomes int32 (JAX's default integer width).
+  """
+  batch = {}
+  for key, first in examples[0].items():
+    values = [example[key] for example in examples]
+    if isinstance(first, dict):
+      batch[key] = stack_examples(values)
+    elif isinstance(first, (bytes, str)):
+      batch[key] = np.empty(len(values), dtype=object)
+      batch[key][:] = values
+    else:
+      array = np.stack(values)
+      batch[key] = array.astype(np.int32) if array.dtype == np.int64 else array
+  return batch
+
+
+def blank_like(example: dict[str, Any]) -> dict[str, Any]:
+  """Same structure, zeros / empty strings: padding for the last eval batch."""
+  def blank(value):
+    if isinstance(value, dict):
+      return {k: blank(v) for k, v in value.items()}
+    if isinstance(value, (bytes, str)):
+      return type(value)()
+    return np.zeros_like(value)
+  return blank(example)
+
+
+def _shuffle_seed(seed: int) -> int:
+  """A 32-bit shuffle seed that does not correlate with nearby seeds.
+
+  Grain shuffles epoch e with seed + e, so seeds s and s+1 used as-is would
+  share all but one epoch order. Hashing the seed first avoids that.
+  """
+  return int(np.random.SeedSequence(int(seed)).generate_state(1)[0])
+
+
+def _iterate(ds: grain.MapDataset, worker_count: int) -> Iterator[Batch]:
+  it = ds.to_iter_dataset(_READ_OPTIONS)
+  if worker_count > 0:
+    # Grain's workers read absl flags; outside an absl app (tests, notebooks)
+    # nothing has parsed them, so accept the defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return _closing(iter(it))
+  return iter(it)
+
+
+def _closing(iterator) -> Iterator[Batch]:
+  """Stops grain's worker processes when the stream ends or is dropped."""
+  try:
+    yield from iterator
+  finally:
+    iterator.close()
+
+
+def _check_positive(**values: int) -> None:
+  for name, value in values.items():
+    if value <= 0:
+      raise ValueError(f'{name} must be positive, got {value}.')

@@ -1,0 +1,36 @@
+"""Fine-tunes a pretrained model as a config says.
+
+  python -m finetune_jax.main --config configs/default.py --workdir runs/default \
+      [--config.<key>=<value> ...]
+
+Running the same command again on the same workdir resumes from the latest
+checkpoint, or ends at once if the run had finished.
+"""
+import json
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from finetune_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+config_flags.DEFINE_config_file(
+    'config', None, 'A configs/<name>.py file, optionally with :<arg>.', lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.info('JAX devices: %s', jax.local_devices())
+  results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  print(json.dumps({'final': results['final'], 'steps': results['steps'],
+                    'wall_s': round(results['wall_s'], 1)}))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,80 @@
+"""Merging a converted checkpoint into freshly initialised params.
+
+Paths are '/'-joined ('blocks_3/project_bn/scale'). `dont_load` regexes
+(re.search) keep the init value (e.g. '^head/' for a new classifier); every
+other parameter must come from the checkpoint with the same shape, and every
+checkpoint entry must be used, so nothing is dropped or invented silently.
+"""
+import re
+from typing import Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+
+def _compile(patterns: Sequence[str]) -> list[re.Pattern]:
+  if isinstance(patterns, str):
+    raise ValueError(f'dont_load must be a list of regexes, got the string '
+                     f'{patterns!r}; write [{patterns!r}].')
+  compiled = []
+  for pattern in patterns:
+    try:
+      compiled.append(re.compile(pattern))
+    except re.error as e:
+      raise ValueError(f'dont_load: {pattern!r} is not a valid regex ({e}).') from None
+  return compiled
+
+
+def check_dont_load(dont_load: Sequence[str], paths: Sequence[str],
+                    source: str = '<file>') -> list[re.Pattern]:
+  """Compiled patterns; each must be a valid regex matching some path."""
+  regexes = _compile(dont_load)
+  for regex in regexes:
+    if not any(regex.search(p) for p in paths):
+      raise ValueError(
+          f'dont_load pattern {regex.pattern!r} matches no parameter of the '
+          f'model or of {source}. Parameter paths look like {list(paths)[:5]}.')
+  return regexes
+
+
+def merge_pretrained(init_params: Mapping, loaded_params: Mapping,
+                     dont_load: Sequence[str] = (), source: str = '<file>') -> dict:
+  """`init_params` with every leaf not matched by `dont_load` taken from `loaded_params`.
+
+  Raises one ValueError for: a dont_load pattern that matches nothing,
+  checkpoint entries the model lacks (unless dont_load'ed), model params the
+  checkpoint lacks, or shape mismatches (path, both shapes, `source`).
+  """
+  init = traverse_util.flatten_dict(dict(init_params), sep='/')
+  loaded = traverse_util.flatten_dict(dict(loaded_params), sep='/')
+  regexes = check_dont_load(dont_load, [*init, *loaded], source)
+
+  def skipped(path):
+    return any(r.search(path) for r in regexes)
+
+  unexpected = [p for p in loaded if p not in init and not skipped(p)]
+  if unexpected:
+    raise ValueError(
+        f'{source} has {len(unexpected)} parameters the model does not: '
+        f'{unexpected[:20]}. Check the architecture config, or add a dont_load '
+        f'pattern to drop them.')
+  missing = [p for p in init if p not in loaded and not skipped(p)]
+  if missing:
+    raise ValueError(
+        f'{source} lacks {len(missing)} parameters of the model: {missing[:20]}. '
+        f'Check the architecture config, or add a dont_load pattern to keep '
+        f'their initial values.')
+  mismatched = [
+      f'{p}: {tuple(np.shape(loaded[p]))} in {source} vs {tuple(np.shape(v))} in the model'
+      for p, v in init.items()
+      if not skipped(p) and tuple(np.shape(loaded[p])) != tuple(np.shape(v))]
+  if mismatched:
+    raise ValueError(
+        f'Shape mismatch loading {source}: ' + '; '.join(mismatched[:20]) +
+        '. Fix the model config (e.g. num_classes) or add the parameter to '
+        'dont_load (e.g. "^head/").')
+  merged = {
+      p: v if skipped(p) else jnp.asarray(loaded[p], dtype=v.dtype)
+      for p, v in init.items()}
+  return traverse_util.unflatten_dict(merged, sep='/')

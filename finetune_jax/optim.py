@@ -1,0 +1,67 @@
+"""The optimizer: schedule, clipping, decay mask, per-group learning rates.
+
+It only ever sees the trainable pytree: frozen params get no gradient and no
+optimizer state because they are not in the tree it is initialised with.
+Within that tree, `optax.partition` gives the new head its own learning rate.
+"""
+import jax
+import optax
+
+from finetune_jax.peft import paths
+
+
+def schedule(config, peak: float) -> optax.Schedule:
+  """Linear warmup to `peak`, then cosine or linear decay to zero."""
+  decay_steps = max(config.total_steps - config.warmup_steps, 1)
+  if config.schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(peak, decay_steps)
+  elif config.schedule == 'linear':
+    decay = optax.linear_schedule(peak, 0.0, decay_steps)
+  elif config.schedule == 'constant':
+    decay = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f'Unknown schedule {config.schedule!r}; use cosine, '
+                     'linear or constant.')
+  warmup = optax.linear_schedule(0.0, peak, max(config.warmup_steps, 1))
+  return optax.join_schedules([warmup, decay], [config.warmup_steps])
+
+
+def decay_mask(params):
+  """Weight decay on kernels and embeddings only: not biases nor norm scales."""
+  return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def _base_optimizer(config, lr: optax.Schedule) -> optax.GradientTransformation:
+  o = config.optimizer
+  if o.name == 'adamw':
+    return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps,
+                       weight_decay=o.weight_decay, mask=decay_mask)
+  if o.name == 'sgd':
+    return optax.chain(
+        optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
+        optax.sgd(lr, momentum=o.momentum, nesterov=o.nesterov))
+  raise ValueError(f'Unknown optimizer.name {o.name!r}; use adamw or sgd.')
+
+
+def group_labels(trainable, head: str):
+  """'head' for the new classifier's params, 'body' for the rest."""
+  flat = paths.flatten(trainable)
+  labels = {k: 'head' if k.startswith(head + '/') else 'body' for k in flat}
+  return paths.unflatten(labels)
+
+
+def make_optimizer(config, trainable, head: str) -> optax.GradientTransformation:
+  """AdamW or SGD over `trainable`, the head at `head_learning_rate`."""
+  head_lr = config.head_learning_rate or config.learning_rate
+  groups = {
+      'body': _base_optimizer(config, schedule(config, config.learning_rate)),
+      'head': _base_optimizer(config, schedule(config, head_lr)),
+  }
+  parts = [optax.partition(groups, group_labels(trainable, head))]
+  if config.grad_clip_norm:
+    parts.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
+  return optax.chain(*parts)
+
+
+def state_bytes(opt_state) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(opt_state) if hasattr(x, 'nbytes'))

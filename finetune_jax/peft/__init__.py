@@ -1,0 +1,24 @@
+"""Fine-tuning methods, selected by `config.peft.method`."""
+from finetune_jax.peft import bitfit
+from finetune_jax.peft import full
+from finetune_jax.peft import linear_probe
+from finetune_jax.peft import partial
+from finetune_jax.peft.base import Adapted
+
+METHODS = {
+    'full': full.adapt,
+    'linear_probe': linear_probe.adapt,
+    'bitfit': bitfit.adapt,
+    'partial': partial.adapt,
+}
+
+
+def adapt(model, cfg) -> Adapted:
+  """Applies `cfg.method` to `model` (a `models.Pretrained`)."""
+  if cfg.method not in METHODS:
+    raise ValueError(f'Unknown peft.method {cfg.method!r}; known methods: '
+                     f'{sorted(METHODS)}.')
+  adapted = METHODS[cfg.method](model, cfg)
+  if not adapted.trainable:
+    raise ValueError(f'peft.method={cfg.method!r} leaves no parameter to train.')
+  return adapted

@@ -1,0 +1,230 @@
+"""The training loop and its pure, jitted train and eval steps.
+
+Data flows one way: config -> pretrained model -> PEFT split into trainable
+and frozen params -> optimizer over the trainable ones -> compiled steps ->
+metrics and checkpoints. Frozen params are an argument of the step, never a
+closed-over constant, and only the trainable pytree is differentiated.
+"""
+import collections
+import contextlib
+import functools
+import logging
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from finetune_jax import checkpoint
+from finetune_jax import config_checks
+from finetune_jax import data
+from finetune_jax import models
+from finetune_jax import optim
+from finetune_jax import parallel
+from finetune_jax import peft
+from finetune_jax import tasks
+from finetune_jax import workdir as workdir_lib
+from finetune_jax.peft import paths
+
+# How many times each step function was traced: one compile per run.
+TRACES = collections.Counter()
+
+
+def make_inputs(model, config):
+  """batch -> the model's input, preprocessed on device inside the step."""
+  preprocess = functools.partial(model.preprocess, image_size=config.image_size)
+  return lambda batch: preprocess(batch['image'])
+
+
+def make_train_step(module, inputs, task, tx, axis_name):
+  def train_step(state, frozen, batch):
+    TRACES['train_step'] += 1
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    if axis_name:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+
+    def loss_fn(trainable):
+      params = paths.merge(trainable, frozen)
+      outputs = module.apply({'params': params}, inputs(batch), train=True,
+                             rngs={'dropout': rng})
+      return task.loss_and_metrics(outputs, batch)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state['trainable'])
+    if axis_name:
+      grads = jax.lax.pmean(grads, axis_name)
+      metrics = jax.lax.psum(metrics, axis_name)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['trainable'])
+    new_state = {'step': state['step'] + 1, 'rng': state['rng'],
+                 'trainable': optax.apply_updates(state['trainable'], updates),
+                 'opt_state': opt_state}
+    return new_state, metrics
+  return train_step
+
+
+def make_eval_step(module, inputs, task, axis_name):
+  def eval_step(trainable, frozen, batch):
+    TRACES['eval_step'] += 1
+    params = paths.merge(trainable, frozen)
+    outputs = module.apply({'params': params}, inputs(batch), train=False)
+    _, metrics = task.loss_and_metrics(outputs, batch)
+    return jax.lax.psum(metrics, axis_name) if axis_name else metrics
+  return eval_step
+
+
+class _Progress:
+  """A progress bar on a terminal, periodic log lines otherwise."""
+
+  def __init__(self, total: int, initial: int):
+    self._bar = tqdm.tqdm(total=total, initial=initial, unit='step',
+                          disable=not sys.stderr.isatty())
+
+  def update(self, step: int, metrics: dict | None = None):
+    self._bar.update(1)
+    if metrics:
+      line = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
+      if self._bar.disable:
+        logging.info('step %d: %s', step, line)
+      else:
+        self._bar.set_postfix_str(line)
+
+  def close(self):
+    self._bar.close()
+
+
+class _StepTimer:
+  """Wall time of the train steps alone: not the compile, evals or saves.
+
+  Dispatch is asynchronous, so each boundary waits for the state first.
+  """
+
+  def __init__(self):
+    self._start, self._paused = None, 0.0
+
+  def start(self, state):
+    jax.block_until_ready(state)
+    self._start = time.perf_counter()
+
+  @contextlib.contextmanager
+  def paused(self, state):
+    jax.block_until_ready(state)
+    tick = time.perf_counter()
+    yield
+    self._paused += time.perf_counter() - tick
+
+  def rate(self, state, examples: int):
+    if self._start is None or examples <= 0:
+      return None
+    jax.block_until_ready(state)
+    return examples / (time.perf_counter() - self._start - self._paused)
+
+
+def _host_sum(device_metrics: list, strategy) -> dict:
+  """Sums per-step metric dicts that still live on device (one sync)."""
+  total = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *device_metrics))
+  if isinstance(strategy, parallel.Pmap):
+    total = jax.tree.map(lambda x: x[0], total)
+  return total
+
+
+def evaluate(eval_step, state, frozen, split, config, strategy) -> dict:
+  sums = []
+  for batch in data.eval_batches(split, batch_size=config.eval_batch_size):
+    sums.append(eval_step(state['trainable'], frozen, strategy.shard(batch)))
+  return tasks.finalize(_host_sum(sums, strategy), prefix='eval_')
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Fine-tunes `config.pretrained` on `config.dataset`; returns results.json."""
+  start_time = time.time()
+  # Everything a user can get wrong is checked before anything is written.
+  strategy = parallel.make(config.parallel)
+  config_checks.validate(config, strategy.num_devices)
+  workdir_lib.check_compatible(workdir, config)
+  task = tasks.make_task(config)
+  train_split = data.load_split(config.dataset, 'train', config.data_dir)
+  eval_split = data.load_split(config.dataset, config.eval_split, config.data_dir)
+  if train_split.num_classes is not None and train_split.num_classes != config.num_classes:
+    raise ValueError(f'num_classes={config.num_classes} but dataset {config.dataset!r} '
+                     f'has {train_split.num_classes} classes; set --config.num_classes.')
+  model = models.load_pretrained(config.pretrained, num_classes=config.num_classes,
+                                 dont_load=tuple(config.dont_load), seed=config.seed)
+  adapted = peft.adapt(model, config.peft)
+  trainable, frozen = paths.split(adapted.params, adapted.trainable)
+  tx = optim.make_optimizer(config, trainable, model.head)
+  workdir_lib.write_config(workdir, config)
+
+  state = {'step': np.int32(0), 'rng': jax.random.PRNGKey(config.seed),
+           'trainable': trainable, 'opt_state': tx.init(trainable)}
+  ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+    logging.info('Resumed from step %d of %s.', state['step'], ckpt.directory)
+  start_step = int(state['step'])
+  results = workdir_lib.read_results(workdir)
+  if start_step >= config.total_steps and results and results['steps'] >= start_step:
+    logging.info('Run already finished at step %d: %s', start_step, results['final'])
+    ckpt.close()
+    return results
+
+  report = {'trainable_params': paths.count(trainable),
+            'total_params': paths.count(adapted.params),
+            'optimizer_state_bytes': optim.state_bytes(state['opt_state'])}
+  logging.info('Method %s: %d of %d params train (%.2f%%); optimizer state %d bytes.',
+               config.peft.method, report['trainable_params'], report['total_params'],
+               100 * report['trainable_params'] / report['total_params'],
+               report['optimizer_state_bytes'])
+
+  inputs = make_inputs(model, config)
+  axis = strategy.axis_name
+  train_step = strategy.compile_train(
+      make_train_step(adapted.module, inputs, task, tx, axis))
+  eval_step = strategy.compile_eval(make_eval_step(adapted.module, inputs, task, axis))
+  state = strategy.replicate(state)
+  frozen = strategy.replicate(frozen)
+  lr_schedule = optim.schedule(config, config.learning_rate)
+
+  writer = workdir_lib.MetricWriter(workdir, start_step)
+  batches = data.train_batches(train_split, batch_size=config.batch_size,
+                               seed=config.seed, start_step=start_step,
+                               worker_count=config.worker_count)
+  progress = _Progress(config.total_steps, start_step)
+  pending, eval_metrics = [], {}
+  timer = _StepTimer()
+  for step in range(start_step + 1, config.total_steps + 1):
+    state, metrics = train_step(state, frozen, strategy.shard(next(batches)))
+    if step == start_step + 1:  # The first step compiles: time the rest.
+      timer.start(state)
+    pending.append(metrics)
+    logged = None
+    if step % config.log_every == 0 or step == config.total_steps:
+      logged = tasks.finalize(_host_sum(pending, strategy), prefix='train_')
+      logged['learning_rate'] = float(lr_schedule(step - 1))
+      writer.write(step, 'train', logged)
+      pending = []
+    if step % config.eval_every == 0 or step == config.total_steps:
+      with timer.paused(state):
+        eval_metrics = evaluate(eval_step, state, frozen, eval_split, config, strategy)
+      writer.write(step, 'eval', eval_metrics)
+      logging.info('step %d: %s', step, eval_metrics)
+    if step % config.checkpoint_every == 0 or step == config.total_steps:
+      with timer.paused(state):
+        ckpt.save(step, strategy.unreplicate(state))
+    progress.update(step, logged)
+  examples_per_sec = timer.rate(state, config.batch_size * (config.total_steps - start_step - 1))
+  progress.close()
+  if not eval_metrics:  # Resumed exactly at the end: evaluate what was restored.
+    eval_metrics = evaluate(eval_step, state, frozen, eval_split, config, strategy)
+  ckpt.close()
+  writer.close()
+
+  results = {'final': eval_metrics, 'steps': config.total_steps,
+             'method': config.peft.method,
+             'trainable_percent': 100 * report['trainable_params'] / report['total_params'],
+             'train_examples_per_sec': examples_per_sec,
+             'wall_s': time.time() - start_time, **report}
+  workdir_lib.write_results(workdir, results)
+  return results

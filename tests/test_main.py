@@ -1,0 +1,146 @@
+"""End to end: the CLI contract, resume, and errors raised before any work."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from finetune_jax import checkpoint
+from finetune_jax import train
+from finetune_jax.peft import paths
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
+import default  # noqa: E402  (configs/default.py)
+
+TINY = ['--config.pretrained=efficientnet-lite-tiny', '--config.dataset=mnist5k',
+        '--config.image_size=32', '--config.peft.num_frozen_blocks=2']
+
+
+def tiny_config(**overrides):
+  config = default.get_config('smoke')
+  config.unlock()
+  config.update({'pretrained': 'efficientnet-lite-tiny', 'dataset': 'mnist5k',
+                 'image_size': 32, **overrides})
+  if 'peft' not in overrides:
+    config.peft.num_frozen_blocks = 2
+  config.lock()
+  return config
+
+
+def run_cli(workdir, *flags):
+  return subprocess.run(
+      [sys.executable, '-m', 'finetune_jax.main', '--config=configs/default.py:smoke',
+       f'--workdir={workdir}', *TINY, *flags],
+      capture_output=True, text=True, cwd=os.path.join(os.path.dirname(__file__), '..'),
+      env={**os.environ, 'XLA_FLAGS': ''}, timeout=600)
+
+
+def test_cli_writes_the_contract_files_and_resumes_at_once(tmp_path):
+  proc = run_cli(tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / 'results.json').read_text())
+  for key in ('final', 'trainable_params', 'total_params', 'steps',
+              'train_examples_per_sec', 'wall_s'):
+    assert key in results
+  assert results['steps'] == 6
+  assert 0.0 <= results['final']['eval_accuracy'] <= 1.0
+  assert results['final']['eval_loss'] > 0
+  assert 0 < results['trainable_params'] < results['total_params']
+  config = json.loads((tmp_path / 'config.json').read_text())
+  assert config['pretrained'] == 'efficientnet-lite-tiny'
+  events = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert {e['split'] for e in events} == {'train', 'eval'}
+  assert [e['step'] for e in events if e['split'] == 'eval'] == [3, 6]
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
+  assert json.loads(proc.stdout.strip().splitlines()[-1])['final'] == results['final']
+
+  again = run_cli(tmp_path)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'Run already finished at step 6' in again.stderr
+  assert json.loads((tmp_path / 'results.json').read_text()) == results
+
+
+def final_params(workdir):
+  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
+  return paths.flatten(state['trainable']), int(state['step'])
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
+  config = tiny_config(checkpoint_every=2, eval_every=100)
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+
+  save = checkpoint.Checkpointer.save
+
+  def save_then_die(self, step, state):
+    save(self, step, state)
+    if step == 4:
+      self.close()
+      raise KeyboardInterrupt('simulated preemption')
+
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save)
+  train.TRACES.clear()
+  results = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert train.TRACES == {'train_step': 1, 'eval_step': 1}, 'the run compiles once'
+
+  straight, straight_step = final_params(tmp_path / 'straight')
+  resumed, resumed_step = final_params(tmp_path / 'resumed')
+  assert straight_step == resumed_step == results['steps'] == 6
+  assert straight.keys() == resumed.keys()
+  for name in straight:
+    np.testing.assert_array_equal(resumed[name], straight[name], err_msg=name)
+  events = [json.loads(l) for l in (tmp_path / 'resumed' / 'metrics.jsonl').open()]
+  train_steps = [e['step'] for e in events if e['split'] == 'train']
+  assert train_steps == sorted(set(train_steps)), 'no duplicated events after resume'
+
+
+def test_longer_total_steps_extends_a_finished_run(tmp_path):
+  train.train_and_evaluate(tiny_config(total_steps=2, eval_every=2), str(tmp_path))
+  results = train.train_and_evaluate(tiny_config(total_steps=4, eval_every=2), str(tmp_path))
+  assert results['steps'] == 4
+  assert final_params(tmp_path)[1] == 4
+
+
+@pytest.mark.parametrize('override, message', [
+    ({'pretrained': 'efficientnet-lite0'}, r"pretrained: 'efficientnet-lite-tiny' -> 'efficientnet-lite0'"),
+    ({'peft': {'method': 'full', 'num_frozen_blocks': 2, 'freeze': ()}}, r"peft"),
+    ({'image_size': 48}, r'image_size: 32 -> 48'),
+])
+def test_incompatible_workdir_is_refused_untouched(tmp_path, override, message):
+  train.train_and_evaluate(tiny_config(total_steps=2, eval_every=2), str(tmp_path))
+  before = {f: (tmp_path / f).read_bytes() for f in ('config.json', 'results.json', 'metrics.jsonl')}
+  with pytest.raises(ValueError, match=message + '.*Nothing in the workdir was changed'):
+    train.train_and_evaluate(tiny_config(total_steps=2, **override), str(tmp_path))
+  assert before == {f: (tmp_path / f).read_bytes() for f in before}
+
+
+@pytest.mark.parametrize('override, message', [
+    ({'dataset': 'fashion_mnits'}, r"fashion_mnits.*fashion_mnist"),
+    ({'pretrained': 'efficientnet-lite9'}, r'efficientnet-lite9.*efficientnet-lite0'),
+    ({'peft': {'method': 'partial', 'num_frozen_blocks': 0, 'freeze': ('^stme/',)}},
+     r"'\^stme/' matches no parameter.*stem/"),
+    ({'batch_size': 12}, r'batch_size=12 must be divisible by the 8 devices'),
+    ({'num_classes': 7}, r'num_classes=7 but dataset .* has 10 classes'),
+])
+def test_bad_input_fails_before_writing(tmp_path, override, message):
+  with pytest.raises(ValueError, match='(?s)' + message):
+    train.train_and_evaluate(tiny_config(**override), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.not_a_key=1', 'not_a_key'),
+    ('--config.total_steps=many', 'total_steps'),
+])
+def test_cli_rejects_unknown_keys_and_wrong_types(tmp_path, flag, message):
+  proc = run_cli(tmp_path / 'run', flag)
+  assert proc.returncode != 0
+  assert message in proc.stderr
+  assert not (tmp_path / 'run').exists()

@@ -1,0 +1,59 @@
+"""One device and eight give the same training, under pmap and under jit."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from finetune_jax import optim
+from finetune_jax import parallel
+from finetune_jax import peft
+from finetune_jax import tasks
+from finetune_jax import train
+from finetune_jax.peft import paths
+from test_freezing import batch, make_config
+from toy import toy_model
+
+
+def train_with(strategy, steps=4):
+  config = make_config('partial', num_frozen_blocks=1)
+  model = toy_model()
+  adapted = peft.adapt(model, config.peft)
+  trainable, frozen = paths.split(adapted.params, adapted.trainable)
+  tx = optim.make_optimizer(config, trainable, model.head)
+  state = {'step': jnp.int32(0), 'rng': jax.random.PRNGKey(0),
+           'trainable': trainable, 'opt_state': tx.init(trainable)}
+  task = tasks.ImageClassification(3)
+  inputs = lambda b: model.preprocess(b['image'])
+  step = strategy.compile_train(train.make_train_step(
+      adapted.module, inputs, task, tx, strategy.axis_name))
+  evaluate = strategy.compile_eval(train.make_eval_step(
+      adapted.module, inputs, task, strategy.axis_name))
+  state, frozen = strategy.replicate(state), strategy.replicate(frozen)
+  for i in range(steps):
+    state, metrics = step(state, frozen, strategy.shard(batch(i, n=16)))
+  eval_batch = dict(batch(99, n=16), mask=np.arange(16) < 13)
+  sums = evaluate(state['trainable'], frozen, strategy.shard(eval_batch))
+  state = strategy.unreplicate(state)
+  if isinstance(strategy, parallel.Pmap):
+    sums = jax.tree.map(lambda x: x[0], sums)
+  return state, jax.device_get(sums)
+
+
+def test_eight_devices_are_forced():
+  assert jax.local_device_count() == 8
+
+
+@pytest.mark.parametrize('make', [
+    lambda: parallel.Pmap(jax.local_devices()),
+    lambda: parallel.Jit(jax.devices()),
+    lambda: parallel.Jit(jax.devices()[:1]),
+], ids=['pmap8', 'jit8', 'jit1'])
+def test_same_results_as_one_device(make):
+  reference, ref_sums = train_with(parallel.Pmap(jax.local_devices()[:1]))
+  state, sums = train_with(make())
+  assert int(state['step']) == 4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               state['trainable'], reference['trainable'])
+  assert sums['count'] == ref_sums['count'] == 13
+  np.testing.assert_allclose(sums['loss'], ref_sums['loss'], rtol=1e-5)
+  np.testing.assert_allclose(sums['accuracy'], ref_sums['accuracy'])
