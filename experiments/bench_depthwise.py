@@ -90,7 +90,7 @@ def bench_torch(images, labels, steps):
     if isinstance(module, torch.nn.BatchNorm2d):
       module.eval()
   x = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())
-  y = torch.from_numpy(np.asarray(labels)).long()
+  y = torch.from_numpy(np.array(labels)).long()
   opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
   def step():

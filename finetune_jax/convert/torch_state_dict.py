@@ -82,48 +82,89 @@ def _convert_hint(path: str) -> str:
 # ---------------------------------------------------------------- stand-ins
 
 
-class _StorageType:
+class _Frozen:
+  """Base of every object a pickle can reach: its BUILD opcode (setstate /
+  setattr) must not be able to alter a validated size or offset, or a
+  whitelisted function, so none of them has a __dict__ or accepts setattr."""
+  __slots__ = ()
+
+  def __setattr__(self, name, value):
+    raise UnsafeCheckpointError(
+        f'the checkpoint pickle tries to set attribute {name!r} on a loader '
+        f'object; it is not a plain state dict.')
+
+  def _set(self, **fields):
+    for name, value in fields.items():
+      object.__setattr__(self, name, value)
+
+
+class _StorageType(_Frozen):
   """Stands in for `torch.FloatStorage` etc.: just an element type."""
+  __slots__ = ('name', 'dtype')
 
   def __init__(self, name: str, dtype):
-    self.name, self.dtype = name, np.dtype(dtype)
+    self._set(name=name, dtype=np.dtype(dtype))
 
 
-class _Storage:
+class _TorchDtype(_Frozen):
+  """Stands in for `torch.float32` etc."""
+  __slots__ = ('name', 'dtype')
+
+  def __init__(self, name: str):
+    self._set(name=name, dtype=np.dtype(_TORCH_DTYPES[name]))
+
+
+class _TensorClass(_Frozen):
+  """Stands in for `torch.Tensor` / `torch.nn.Parameter` as a type argument."""
+  __slots__ = ()
+
+
+class _Storage(_Frozen):
   """A flat run of elements, filled from the file after unpickling."""
+  __slots__ = ('key', 'dtype', 'numel', 'data', 'view_of')
 
-  def __init__(self, key: str, dtype: np.dtype, numel: int):
-    self.key, self.dtype, self.numel = key, dtype, numel
-    self.data = None  # 1-D np.ndarray of `dtype`, set by the reader.
-    self.view_of = None  # (root storage, element offset) for legacy views.
+  def __init__(self, key: str, dtype: np.dtype, numel: int, view_of=None):
+    # data: 1-D array of `dtype`, set by the reader; view_of: (root storage,
+    # element offset) for the legacy format's storage views.
+    self._set(key=key, dtype=dtype, numel=numel, data=None, view_of=view_of)
+
+  def fill(self, data: np.ndarray):
+    self._set(data=data)
 
   def array(self) -> np.ndarray:
     if self.view_of is not None:
       root, offset = self.view_of
-      return root.array().view(np.uint8)[
-          offset * self.dtype.itemsize:(offset + self.numel) * self.dtype.itemsize
-      ].view(self.dtype)
+      item = self.dtype.itemsize
+      raw = root.array().view(np.uint8)[offset * item:(offset + self.numel) * item]
+      if raw.size != self.numel * item:
+        raise CheckpointFormatError(f'storage view {self.key!r} exceeds its storage.')
+      return raw.view(self.dtype)
     if self.data is None:
       raise CheckpointFormatError(f'storage {self.key!r} has no data in the file.')
     return self.data
 
 
-class _PendingTensor:
+def _is_index_tuple(value) -> bool:
+  return isinstance(value, tuple) and all(
+      type(v) is int and v >= 0 for v in value)  # pylint: disable=unidiomatic-typecheck
+
+
+class _PendingTensor(_Frozen):
   """A tensor whose storage bytes have not been read yet."""
+  __slots__ = ('storage', 'offset', 'size', 'stride', 'dtype')
 
   def __init__(self, storage, offset, size, stride, dtype=None):
     if not isinstance(storage, _Storage):
       raise CheckpointFormatError(
           f'a tensor refers to {type(storage).__name__}, not a storage.')
-    for name, value in (('size', size), ('stride', stride)):
-      if not (isinstance(value, tuple) and
-              all(isinstance(v, int) and v >= 0 for v in value)):
-        raise CheckpointFormatError(f'bad tensor {name} {value!r}.')
-    if len(size) != len(stride) or not (isinstance(offset, int) and offset >= 0):
+    size, stride = tuple(size), tuple(stride)
+    if not (_is_index_tuple(size) and _is_index_tuple(stride) and
+            len(size) == len(stride) and _is_index_tuple((offset,))):
       raise CheckpointFormatError(
-          f'bad tensor layout: size {size}, stride {stride}, offset {offset}.')
-    self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
-    self.dtype = np.dtype(dtype) if dtype is not None else storage.dtype
+          f'bad tensor layout: size {size!r:.100}, stride {stride!r:.100}, '
+          f'offset {offset!r:.100}.')
+    self._set(storage=storage, offset=offset, size=size, stride=stride,
+              dtype=storage.dtype if dtype is None else np.dtype(dtype))
 
   def materialise(self) -> np.ndarray:
     flat = self.storage.array()
@@ -145,63 +186,71 @@ class _PendingTensor:
     view = np.lib.stride_tricks.as_strided(
         flat[self.offset:], shape=self.size,
         strides=tuple(s * item for s in self.stride), writeable=False)
-    return np.array(view, copy=True)  # contiguous, owned, writable
+    return np.array(view, copy=True, order='C')  # contiguous, owned, writable
+
+
+class _Function(_Frozen):
+  """A whitelisted callable; unlike a plain function it has no settable
+  attributes (__defaults__, __code__ ...) for a pickle to tamper with."""
+  __slots__ = ('fn',)
+
+  def __init__(self, fn):
+    self._set(fn=fn)
+
+  def __call__(self, *args):
+    try:
+      return self.fn(*args)
+    except TypeError as e:  # wrong arity from a crafted pickle
+      raise CheckpointFormatError(f'bad arguments to {self.fn.__name__}: {e}') from None
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride,
                        requires_grad=False, backward_hooks=None, metadata=None):
   del requires_grad, backward_hooks, metadata
-  return _PendingTensor(storage, storage_offset, tuple(size), tuple(stride))
+  return _PendingTensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,
                        backward_hooks, dtype, metadata=None):
   del requires_grad, backward_hooks, metadata
   if not isinstance(dtype, _TorchDtype):
-    raise CheckpointFormatError(f'bad tensor dtype {dtype!r}.')
-  return _PendingTensor(storage, storage_offset, tuple(size), tuple(stride),
-                        dtype.dtype)
+    raise CheckpointFormatError(f'bad tensor dtype {dtype!r:.100}.')
+  return _PendingTensor(storage, storage_offset, size, stride, dtype.dtype)
 
 
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None,
-                       state=None):
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
   del requires_grad, backward_hooks, state
+  if not isinstance(data, _PendingTensor):
+    raise CheckpointFormatError('a parameter that wraps no tensor.')
   return data
 
 
-class _TensorClass:
-  """Stands in for `torch.Tensor` / `torch.nn.Parameter` as a type argument."""
+def _make_whitelist() -> dict:
+  """Fresh stand-ins per load, so one file can never affect the next."""
+  rebuild = {name: _Function(fn) for name, fn in [
+      ('_rebuild_tensor_v2', _rebuild_tensor_v2),
+      ('_rebuild_tensor_v3', _rebuild_tensor_v3),
+      ('_rebuild_parameter', _rebuild_parameter),
+      ('_rebuild_parameter_with_state', _rebuild_parameter)]}
+  tensor_class = _TensorClass()
 
+  def rebuild_from_type_v2(func, new_type, args, state):
+    """Tensor subclasses wrap their rebuild call; plain types only."""
+    del state
+    if new_type is not tensor_class or not any(func is f for f in rebuild.values()):
+      raise CheckpointFormatError('unsupported tensor subclass in checkpoint.')
+    return func(*args)
 
-def _rebuild_from_type_v2(func, new_type, args, state):
-  """Tensor subclasses wrap their rebuild call; plain types only."""
-  del state
-  if not isinstance(new_type, _TensorClass) or func not in _REBUILD_FUNCTIONS:
-    raise CheckpointFormatError('unsupported tensor subclass in checkpoint.')
-  return func(*args)
-
-
-class _TorchDtype:
-
-  def __init__(self, name):
-    self.name, self.dtype = name, np.dtype(_TORCH_DTYPES[name])
-
-
-_REBUILD_FUNCTIONS = (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
-
-_ALLOWED = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_tensor_v3'): _rebuild_tensor_v3,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
-    ('torch._tensor', '_rebuild_from_type_v2'): _rebuild_from_type_v2,
-    ('torch', 'Tensor'): _TensorClass(),
-    ('torch.nn.parameter', 'Parameter'): _TensorClass(),
-    **{('torch', n): _StorageType(n, t) for n, t in _STORAGE_DTYPES.items()},
-    ('torch.storage', 'UntypedStorage'): _StorageType('UntypedStorage', np.uint8),
-    **{('torch', n): _TorchDtype(n) for n in _TORCH_DTYPES},
-}
+  return {
+      ('collections', 'OrderedDict'): collections.OrderedDict,
+      **{('torch._utils', name): fn for name, fn in rebuild.items()},
+      ('torch._tensor', '_rebuild_from_type_v2'): _Function(rebuild_from_type_v2),
+      ('torch', 'Tensor'): tensor_class,
+      ('torch.nn.parameter', 'Parameter'): tensor_class,
+      **{('torch', n): _StorageType(n, t) for n, t in _STORAGE_DTYPES.items()},
+      ('torch.storage', 'UntypedStorage'): _StorageType('UntypedStorage', np.uint8),
+      **{('torch', n): _TorchDtype(n) for n in _TORCH_DTYPES},
+  }
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -211,10 +260,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
     super().__init__(file)
     self._path = path
     self._make_storage = make_storage
+    self._allowed = _make_whitelist()
 
   def find_class(self, module, name):
     try:
-      return _ALLOWED[(module, name)]
+      return self._allowed[(module, name)]
     except KeyError:
       raise UnsafeCheckpointError(
           f'{self._path} holds arbitrary pickled objects, not only tensors: it '
@@ -223,8 +273,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == 'storage'
-            and isinstance(pid[1], _StorageType) and isinstance(pid[4], int)
-            and pid[4] >= 0):
+            and isinstance(pid[1], _StorageType) and _is_index_tuple(pid[4:5])
+            and isinstance(pid[2], (str, int))
+            and (len(pid) == 5 or pid[5] is None or (
+                isinstance(pid[5], tuple) and len(pid[5]) == 3 and
+                _is_index_tuple(pid[5][1:])))):
       raise CheckpointFormatError(
           f'{self._path}: unexpected persistent id {pid!r:.200}.')
     _, storage_type, key, _location, numel, *view = pid
@@ -247,7 +300,9 @@ def _from_bytes(raw: bytes, dtype: np.dtype, big_endian: bool) -> np.ndarray:
 def _unpickle(data_pkl, path, make_storage):
   try:
     return _RestrictedUnpickler(data_pkl, path, make_storage).load()
-  except (UnsafeCheckpointError, CheckpointFormatError):
+  except UnsafeCheckpointError as e:
+    raise UnsafeCheckpointError(str(e) if path in str(e) else f'{path}: {e}') from None
+  except CheckpointFormatError:
     raise
   except Exception as e:  # pickle reports corruption in many ways
     raise CheckpointFormatError(
@@ -297,7 +352,7 @@ def _read_zip(path: str) -> Any:
         raise CheckpointFormatError(
             f'{path}: {record} has {len(raw)} bytes, the pickle needs {need}; '
             f'the file is truncated or corrupt.')
-      storage.data = _from_bytes(raw[:need], storage.dtype, big_endian)
+      storage.fill(_from_bytes(raw[:need], storage.dtype, big_endian))
   return obj
 
 
@@ -307,10 +362,10 @@ def _read_legacy(path: str) -> Any:
     header = []
     for what in ('magic number', 'protocol version', 'system info'):
       try:
-        header.append(_RestrictedUnpickler(f, path, None).load())
+        header.append(_unpickle(f, path, None))
       except UnsafeCheckpointError:
         raise
-      except Exception:
+      except CheckpointFormatError:
         raise CheckpointFormatError(
             f'{path} is not a PyTorch checkpoint: cannot read its {what} '
             f'(expected a zip archive or the legacy pickle format). If it is a '
@@ -320,7 +375,7 @@ def _read_legacy(path: str) -> Any:
       raise CheckpointFormatError(
           f'{path} is not a PyTorch checkpoint (bad magic number/protocol).')
     big_endian = not (isinstance(sys_info, dict) and sys_info.get('little_endian', True))
-    storages, views = {}, []
+    storages = {}
 
     def make_storage(key, dtype, numel, view):
       if key not in storages:
@@ -328,10 +383,7 @@ def _read_legacy(path: str) -> Any:
       if view is None:
         return storages[key]
       view_key, offset, view_numel = view
-      storage = _Storage(str(view_key), dtype, view_numel)
-      storage.view_of = (storages[key], offset)
-      views.append(storage)
-      return storage
+      return _Storage(str(view_key), dtype, view_numel, (storages[key], offset))
 
     obj = _unpickle(f, path, make_storage)
     keys = _unpickle(f, path, None)
@@ -353,22 +405,27 @@ def _read_legacy(path: str) -> Any:
             f'{path} is truncated or corrupt: storage {key!r} should hold '
             f'{storage.numel} elements ({storage.numel * storage.dtype.itemsize} '
             f'bytes), found {len(raw)} bytes.')
-      storage.data = _from_bytes(raw, storage.dtype, big_endian)
+      storage.fill(_from_bytes(raw, storage.dtype, big_endian))
   return obj
 
 
-def _materialise(obj):
+def _materialise(obj, _open=None):
   """Replaces every pending tensor in a container tree by its numpy array."""
   if isinstance(obj, _PendingTensor):
     return obj.materialise()
+  if not isinstance(obj, (dict, list, tuple)):
+    return obj
+  _open = set() if _open is None else _open
+  key = id(obj)
+  if key in _open:  # pickle memo references can build cycles
+    raise CheckpointFormatError('the checkpoint holds a container that contains itself.')
+  _open.add(key)
   if isinstance(obj, dict):
     for k in list(obj):
-      obj[k] = _materialise(obj[k])
-    return obj
-  if isinstance(obj, list):
-    return [_materialise(v) for v in obj]
-  if isinstance(obj, tuple):
-    return tuple(_materialise(v) for v in obj)
+      obj[k] = _materialise(obj[k], _open)
+  else:
+    obj = type(obj)(_materialise(v, _open) for v in obj)
+  _open.discard(key)
   return obj
 
 
@@ -405,12 +462,10 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   obj = read_torch_checkpoint(path)
-  if isinstance(obj, dict):
+  if isinstance(obj, dict):  # a training checkpoint: take the model's weights
     for key in _WRAPPER_KEYS:
-      inner = obj.get(key)
-      if isinstance(inner, dict) and any(
-          not isinstance(v, (np.ndarray, dict)) for v in obj.values()):
-        obj = inner
+      if isinstance(obj.get(key), dict):
+        obj = obj[key]
         break
   if not isinstance(obj, dict):
     raise CheckpointFormatError(

@@ -5,17 +5,16 @@
   out = model.module.apply({'params': model.params}, x)   # {'logits', 'features'}
 
 A new `num_classes` replaces the classifier by a zero-initialised one (the
-pretrained head is dropped through dont_load '^head/').
+pretrained head is dropped through dont_load '^head/'). The depthwise conv
+implementation is a module attribute: `model.module.clone(depthwise_impl='lax')`
+('auto', the default, picks the fast shifted multiply-adds on CPU).
 """
 import dataclasses
 import os
-import re
 from typing import Callable, Sequence
 
 from flax import traverse_util
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
 from finetune_jax.models import efficientnet_lite
 from finetune_jax.models.loading import check_dont_load

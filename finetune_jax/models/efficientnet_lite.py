@@ -122,8 +122,9 @@ def make_config(variant: str = 'lite0', num_classes: int | None = None,
         f'Unknown EfficientNet-Lite variant {variant!r}; use one of '
         f'{sorted(VARIANTS) + ["tiny"]}.')
   config.update(model='efficientnet_lite', variant=variant,
-                num_classes=1000 if num_classes is None else num_classes, drop_connect_rate=0.2,
-                bn_epsilon=1e-3, mean_rgb=MEAN_RGB, stddev_rgb=STDDEV_RGB)
+                num_classes=1000 if num_classes is None else num_classes,
+                drop_connect_rate=0.2, bn_epsilon=1e-3,
+                mean_rgb=MEAN_RGB, stddev_rgb=STDDEV_RGB)
   unknown = set(overrides) - set(config)
   if unknown:
     raise ValueError(f'Unknown EfficientNet-Lite config keys {sorted(unknown)}; '
