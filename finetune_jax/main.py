@@ -7,6 +7,7 @@ Running the same command again on the same workdir resumes from the latest
 checkpoint, or ends at once if the run had finished.
 """
 import json
+import logging as std_logging
 
 from absl import app
 from absl import flags
@@ -23,9 +24,15 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _quiet_orbax(record) -> bool:
+  """Orbax logs every save step at INFO; keep its warnings only."""
+  return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   logging.info('JAX devices: %s', jax.local_devices())
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   print(json.dumps({'final': results['final'], 'steps': results['steps'],
