@@ -24,8 +24,8 @@ import numpy as np
 from finetune_jax import models
 from finetune_jax import optim
 from finetune_jax import peft
+from finetune_jax import steps
 from finetune_jax import tasks
-from finetune_jax import train
 from finetune_jax.peft import paths
 
 
@@ -65,7 +65,7 @@ def bench(args, impl):
   state = {'step': jnp.int32(0), 'rng': jax.random.PRNGKey(0),
            'trainable': trainable, 'opt_state': tx.init(trainable)}
   inputs = lambda b: model.preprocess(b['image'], image_size=args.image_size)
-  step = jax.jit(train.make_train_step(module, inputs, tasks.ImageClassification(10),
+  step = jax.jit(steps.make_train_step(module, inputs, tasks.ImageClassification(10),
                                        tx, axis_name=None), donate_argnums=(0,))
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 255, (args.batch, 28, 28, 1), dtype=np.uint8),

@@ -1,21 +1,16 @@
-"""The training loop and its pure, jitted train and eval steps.
+"""The training loop: `train_and_evaluate(config, workdir)`.
 
 Data flows one way: config -> pretrained model -> PEFT split into trainable
-and frozen params -> optimizer over the trainable ones -> compiled steps ->
-metrics and checkpoints. Frozen params are an argument of the step, never a
-closed-over constant, and only the trainable pytree is differentiated.
+and frozen params -> optimizer over the trainable ones -> compiled steps
+(steps.py) -> metrics and checkpoints.
 """
-import collections
 import contextlib
-import functools
 import logging
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import tqdm
 
 from finetune_jax import checkpoint
@@ -25,54 +20,10 @@ from finetune_jax import models
 from finetune_jax import optim
 from finetune_jax import parallel
 from finetune_jax import peft
+from finetune_jax import steps
 from finetune_jax import tasks
 from finetune_jax import workdir as workdir_lib
 from finetune_jax.peft import paths
-
-# How many times each step function was traced: one compile per run.
-TRACES = collections.Counter()
-
-
-def make_inputs(model, config):
-  """batch -> the model's input, preprocessed on device inside the step."""
-  preprocess = functools.partial(model.preprocess, image_size=config.image_size)
-  return lambda batch: preprocess(batch['image'])
-
-
-def make_train_step(module, inputs, task, tx, axis_name):
-  def train_step(state, frozen, batch):
-    TRACES['train_step'] += 1
-    rng = jax.random.fold_in(state['rng'], state['step'])
-    if axis_name:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-
-    def loss_fn(trainable):
-      params = paths.merge(trainable, frozen)
-      outputs = module.apply({'params': params}, inputs(batch), train=True,
-                             rngs={'dropout': rng})
-      return task.loss_and_metrics(outputs, batch)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state['trainable'])
-    if axis_name:
-      grads = jax.lax.pmean(grads, axis_name)
-      metrics = jax.lax.psum(metrics, axis_name)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['trainable'])
-    new_state = {'step': state['step'] + 1, 'rng': state['rng'],
-                 'trainable': optax.apply_updates(state['trainable'], updates),
-                 'opt_state': opt_state}
-    return new_state, metrics
-  return train_step
-
-
-def make_eval_step(module, inputs, task, axis_name):
-  def eval_step(trainable, frozen, batch):
-    TRACES['eval_step'] += 1
-    params = paths.merge(trainable, frozen)
-    outputs = module.apply({'params': params}, inputs(batch), train=False)
-    _, metrics = task.loss_and_metrics(outputs, batch)
-    return jax.lax.psum(metrics, axis_name) if axis_name else metrics
-  return eval_step
 
 
 class _Progress:
@@ -178,11 +129,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                100 * report['trainable_params'] / report['total_params'],
                report['optimizer_state_bytes'])
 
-  inputs = make_inputs(model, config)
+  inputs = steps.make_inputs(model, config)
   axis = strategy.axis_name
   train_step = strategy.compile_train(
-      make_train_step(adapted.module, inputs, task, tx, axis))
-  eval_step = strategy.compile_eval(make_eval_step(adapted.module, inputs, task, axis))
+      steps.make_train_step(adapted.module, inputs, task, tx, axis))
+  eval_step = strategy.compile_eval(steps.make_eval_step(adapted.module, inputs, task, axis))
   state = strategy.replicate(state)
   frozen = strategy.replicate(frozen)
   lr_schedule = optim.schedule(config, config.learning_rate)

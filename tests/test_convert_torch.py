@@ -1,6 +1,5 @@
 """The PyTorch checkpoint reader: exact round trips, and no pickle code ever runs."""
 import collections
-import io
 import os
 import pickle
 import zipfile

@@ -7,8 +7,8 @@ import pytest
 
 from finetune_jax import optim
 from finetune_jax import peft
+from finetune_jax import steps
 from finetune_jax import tasks
-from finetune_jax import train
 from finetune_jax.peft import paths
 from toy import toy_model
 
@@ -30,17 +30,17 @@ def batch(seed=0, n=8):
           'label': rng.integers(0, 3, (n,)).astype(np.int32)}
 
 
-def run_steps(config, steps=3):
+def run_steps(config, num_steps=3):
   model = toy_model()
   adapted = peft.adapt(model, config.peft)
   trainable, frozen = paths.split(adapted.params, adapted.trainable)
   tx = optim.make_optimizer(config, trainable, model.head)
   state = {'step': jnp.int32(0), 'rng': jax.random.PRNGKey(0),
            'trainable': trainable, 'opt_state': tx.init(trainable)}
-  step = jax.jit(train.make_train_step(
+  step = jax.jit(steps.make_train_step(
       adapted.module, lambda b: model.preprocess(b['image']),
       tasks.ImageClassification(3), tx, axis_name=None))
-  for i in range(steps):
+  for i in range(num_steps):
     state, _ = step(state, frozen, batch(i))
   return model, adapted, paths.merge(state['trainable'], frozen), state
 
@@ -80,7 +80,7 @@ def test_partial_freezes_first_blocks_and_regexes():
 @pytest.mark.parametrize('method', ['full', 'linear_probe', 'bitfit', 'partial'])
 def test_no_optimizer_state_for_frozen_leaves(method):
   config = make_config(method, num_frozen_blocks=3)
-  _, adapted, _, state = run_steps(config, steps=1)
+  _, adapted, _, state = run_steps(config, num_steps=1)
   trainable_shapes = sorted(
       v.shape for v in paths.flatten(state['trainable']).values())
   # AdamW keeps mu and nu per trainable leaf, nothing else of any size.

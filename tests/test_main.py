@@ -9,6 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from finetune_jax import checkpoint
+from finetune_jax import steps
 from finetune_jax import train
 from finetune_jax.peft import paths
 
@@ -86,9 +87,9 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   monkeypatch.setattr(checkpoint.Checkpointer, 'save', save)
-  train.TRACES.clear()
+  steps.TRACES.clear()
   results = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  assert train.TRACES == {'train_step': 1, 'eval_step': 1}, 'the run compiles once'
+  assert steps.TRACES == {'train_step': 1, 'eval_step': 1}, 'the run compiles once'
 
   straight, straight_step = final_params(tmp_path / 'straight')
   resumed, resumed_step = final_params(tmp_path / 'resumed')

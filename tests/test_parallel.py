@@ -7,14 +7,14 @@ import pytest
 from finetune_jax import optim
 from finetune_jax import parallel
 from finetune_jax import peft
+from finetune_jax import steps
 from finetune_jax import tasks
-from finetune_jax import train
 from finetune_jax.peft import paths
 from test_freezing import batch, make_config
 from toy import toy_model
 
 
-def train_with(strategy, steps=4):
+def train_with(strategy, num_steps=4):
   config = make_config('partial', num_frozen_blocks=1)
   model = toy_model()
   adapted = peft.adapt(model, config.peft)
@@ -24,12 +24,12 @@ def train_with(strategy, steps=4):
            'trainable': trainable, 'opt_state': tx.init(trainable)}
   task = tasks.ImageClassification(3)
   inputs = lambda b: model.preprocess(b['image'])
-  step = strategy.compile_train(train.make_train_step(
+  step = strategy.compile_train(steps.make_train_step(
       adapted.module, inputs, task, tx, strategy.axis_name))
-  evaluate = strategy.compile_eval(train.make_eval_step(
+  evaluate = strategy.compile_eval(steps.make_eval_step(
       adapted.module, inputs, task, strategy.axis_name))
   state, frozen = strategy.replicate(state), strategy.replicate(frozen)
-  for i in range(steps):
+  for i in range(num_steps):
     state, metrics = step(state, frozen, strategy.shard(batch(i, n=16)))
   eval_batch = dict(batch(99, n=16), mask=np.arange(16) < 13)
   sums = evaluate(state['trainable'], frozen, strategy.shard(eval_batch))
