@@ -1,0 +1,1 @@
+"""resnet: aliases and checkpoint loaders (to be filled in)."""

@@ -1,0 +1,1 @@
+"""vgg: aliases and checkpoint loaders (to be filled in)."""

@@ -1,0 +1,1 @@
+"""vit: aliases and checkpoint loaders (to be filled in)."""
