@@ -24,7 +24,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_split = 'test'  # Evaluated in full.
   c.task = 'image_classification'
   c.num_classes = 10  # Size of the new head.
-  c.image_size = 64  # Input resolution; Fashion-MNIST's 28 px are resized up on device.
+  c.image_size = 64  # Input resolution; images are resized (and cropped) to it on the host.
+  c.eval_crop_ratio = 1.0  # Eval: shorter side -> image_size / ratio, then the central square; 1.0: plain resize. 0.875 for photos.
+  c.augment = ml_collections.ConfigDict()
+  c.augment.random_resized_crop = False  # Train: Inception crop (area in `scale`, aspect in `ratio`) resized to image_size; off: the eval geometry.
+  c.augment.scale = (0.08, 1.0)  # Area fraction of the random crop.
+  c.augment.ratio = (3 / 4, 4 / 3)  # Aspect (width / height) of the random crop.
+  c.augment.flip = False  # Train: mirror left-right with probability 1/2.
+  c.folder_on_bad_image = 'error'  # folder:<dir> datasets: a corrupt image stops the build ('error') or is left out with a warning ('skip').
 
   # Method: which params train.
   c.peft = ml_collections.ConfigDict()

@@ -5,6 +5,7 @@ and frozen params -> optimizer over the trainable ones -> compiled steps
 (steps.py) -> metrics and checkpoints.
 """
 import contextlib
+import functools
 import logging
 import sys
 import time
@@ -81,9 +82,42 @@ def _host_sum(device_metrics: list, strategy) -> dict:
   return total
 
 
-def evaluate(eval_step, state, frozen, split, config, strategy) -> dict:
+def make_image_transforms(config):
+  """(train, eval) per-example image transforms, run in the grain workers.
+
+  They decode, crop and resize to config.image_size on the host, so the device
+  gets uint8 squares (the model's preprocess then only normalises).
+  """
+  if config.task != 'image_classification':
+    return None, None
+  shared = dict(crop_ratio=config.eval_crop_ratio, to_rgb=True)
+  augment = config.augment
+  train_transform = data.make_image_transform(
+      config.image_size, train=True,
+      random_resized_crop=augment.random_resized_crop, flip=augment.flip,
+      scale=tuple(augment.scale), ratio=tuple(augment.ratio), **shared)
+  eval_transform = data.make_image_transform(config.image_size, train=False,
+                                             **shared)
+  return train_transform, eval_transform
+
+
+def needs_host_transform(split, config) -> bool:
+  """Whether images must be decoded, cropped or augmented on the host.
+
+  Stored arrays of one size with no augmentation and a plain resize go to the
+  device as they are (fewer bytes to copy) and `preprocess` resizes them there.
+  """
+  image = split.source[0]['image']
+  fixed_array = isinstance(image, np.ndarray) and image.dtype == np.uint8
+  augmented = config.augment.random_resized_crop or config.augment.flip
+  return not fixed_array or augmented or config.eval_crop_ratio != 1.0
+
+
+def evaluate(eval_step, state, frozen, split, config, strategy,
+             transform=None) -> dict:
   sums = []
-  for batch in data.eval_batches(split, batch_size=config.eval_batch_size):
+  for batch in data.eval_batches(split, batch_size=config.eval_batch_size,
+                                 transform=transform):
     sums.append(eval_step(state['trainable'], frozen, strategy.shard(batch)))
   return tasks.finalize(_host_sum(sums, strategy), prefix='eval_')
 
@@ -96,8 +130,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config_checks.validate(config, strategy.num_devices)
   workdir_lib.check_compatible(workdir, config)
   task = tasks.make_task(config)
-  train_split = data.load_split(config.dataset, 'train', config.data_dir)
-  eval_split = data.load_split(config.dataset, config.eval_split, config.data_dir)
+  train_transform, eval_transform = make_image_transforms(config)
+  load = functools.partial(data.load_split, data_dir=config.data_dir,
+                           on_bad_image=config.folder_on_bad_image)
+  train_split = load(config.dataset, 'train')
+  eval_split = load(config.dataset, config.eval_split)
+  if not needs_host_transform(train_split, config):
+    train_transform = eval_transform = None
   if train_split.num_classes is not None and train_split.num_classes != config.num_classes:
     raise ValueError(f'num_classes={config.num_classes} but dataset {config.dataset!r} '
                      f'has {train_split.num_classes} classes; set --config.num_classes.')
@@ -141,6 +180,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = workdir_lib.MetricWriter(workdir, start_step)
   batches = data.train_batches(train_split, batch_size=config.batch_size,
                                seed=config.seed, start_step=start_step,
+                               transform=train_transform,
                                worker_count=config.worker_count)
   progress = _Progress(config.total_steps, start_step)
   pending, eval_metrics = [], {}
@@ -158,7 +198,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       pending = []
     if step % config.eval_every == 0 or step == config.total_steps:
       with timer.paused(state):
-        eval_metrics = evaluate(eval_step, state, frozen, eval_split, config, strategy)
+        eval_metrics = evaluate(eval_step, state, frozen, eval_split, config,
+                                strategy, eval_transform)
       writer.write(step, 'eval', eval_metrics)
       logging.info('step %d: %s', step, eval_metrics)
     if step % config.checkpoint_every == 0 or step == config.total_steps:
@@ -168,7 +209,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   examples_per_sec = timer.rate(state, config.batch_size * (config.total_steps - start_step - 1))
   progress.close()
   if not eval_metrics:  # Resumed exactly at the end: evaluate what was restored.
-    eval_metrics = evaluate(eval_step, state, frozen, eval_split, config, strategy)
+    eval_metrics = evaluate(eval_step, state, frozen, eval_split, config,
+                            strategy, eval_transform)
   ckpt.close()
   writer.close()
 

@@ -145,3 +145,16 @@ def test_cli_rejects_unknown_keys_and_wrong_types(tmp_path, flag, message):
   assert proc.returncode != 0
   assert message in proc.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_folder_dataset_with_augmentation_trains_end_to_end(tmp_path):
+  from test_folder_dataset import write_hashed_layout
+  write_hashed_layout(tmp_path / 'photos', per_class=12)
+  config = tiny_config(dataset=f'folder:{tmp_path / "photos"}', data_dir=str(tmp_path / 'tfds'),
+                       num_classes=3, total_steps=2, eval_every=2, batch_size=8,
+                       eval_batch_size=8, eval_crop_ratio=0.875)
+  config.augment.random_resized_crop = True
+  config.augment.flip = True
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['steps'] == 2
+  assert 0.0 <= results['final']['eval_accuracy'] <= 1.0

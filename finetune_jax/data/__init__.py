@@ -5,10 +5,12 @@
       ...  # {'image': uint8 [128, 28, 28, 1], 'label': int32 [128]}
 
 Names in `DATASETS` are the offline datasets (`python -m
-finetune_jax.data.prepare` builds them); any other name is read as a
-standard TFDS dataset already prepared, in array_record format, in the data
-dir. This module also answers "what is prepared where", so a missing dataset
-fails with one clear message before any expensive work.
+finetune_jax.data.prepare` builds them); `folder:<dir>` is a folder of the
+user's images, one subfolder per class, built on first use (see `folder`);
+any other name is read as a standard TFDS dataset already prepared, in
+array_record format, in the data dir. This module also answers "what is
+prepared where", so a missing dataset fails with one clear message before
+any expensive work.
 """
 
 from __future__ import annotations
@@ -20,16 +22,18 @@ import time
 from typing import Sequence
 
 from finetune_jax.data import builders
+from finetune_jax.data import folder
 from finetune_jax.data.fashion_mnist import FashionMnistOffline
 from finetune_jax.data.fortunes import Fortunes
 from finetune_jax.data.fortunes import FortunesPoems
+from finetune_jax.data.image_ops import make_image_transform
 from finetune_jax.data.mnist5k import Mnist5k
 from finetune_jax.data.pipeline import Split
 from finetune_jax.data.pipeline import eval_batches
 from finetune_jax.data.pipeline import train_batches
 
 __all__ = ['DATASETS', 'Split', 'load_split', 'train_batches', 'eval_batches',
-           'prepare']
+           'prepare', 'make_image_transform']
 
 # Builder name (the directory TFDS writes in the data dir) -> class.
 OFFLINE_BUILDERS: dict[str, type[builders.OfflineBuilder]] = {
@@ -51,19 +55,29 @@ _TFDS_BUILD_HINT = (
     'then copy its <name>/ dir into {data_dir}')
 
 
-def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
+def load_split(name: str, split: str, data_dir: str | None = None,
+               on_bad_image: str = 'error') -> Split:
   """Random-access view of one split (TFDS split syntax, e.g. 'train[:90%]').
 
   Raises one ValueError, before reading any data, if `name` is unknown or not
   prepared in the data dir, or if `split` names a split it does not have.
+  A `folder:<dir>` dataset is built (or rebuilt, if the folder changed)
+  first; `on_bad_image` ('error' | 'skip') says what a corrupt image does.
+  Its 'image' values are encoded bytes: pass an `image_ops` transform.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = resolve_data_dir(data_dir)
-  version_dir = prepared_version_dir(name, data_dir)
+  if folder.is_folder_dataset(name):
+    version_dir = folder.prepare_folder(name, data_dir, on_bad_image)
+    split = folder.resolve_split(split, _split_names(version_dir))
+    tfds_name = os.path.basename(os.path.dirname(version_dir))
+  else:
+    version_dir = prepared_version_dir(name, data_dir)
+    tfds_name = builder_name(name)
   if version_dir is None:
     raise not_prepared_error(name, data_dir)
   _check_format_and_split(name, split, version_dir)
-  tfds_name = f'{builder_name(name)}:{os.path.basename(version_dir)}'
+  tfds_name = f'{tfds_name}:{os.path.basename(version_dir)}'
   source = tfds.data_source(tfds_name, split=split, data_dir=data_dir)
   features = source.dataset_info.features
   label = features['label'] if 'label' in features.keys() else None
@@ -87,11 +101,13 @@ def prepare(names: Sequence[str] = (), data_dir: str | None = None,
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = resolve_data_dir(data_dir)
   names = list(dict.fromkeys(names or DATASETS))
-  not_offline = [n for n in names if not is_offline(n)]
+  not_offline = [n for n in names
+                 if not is_offline(n) and not folder.is_folder_dataset(n)]
   if not_offline:
     raise ValueError(
         f'Cannot prepare {not_offline}: only the offline datasets '
-        f'({", ".join(DATASETS)}) are built here. Other TFDS datasets: '
+        f'({", ".join(DATASETS)}) and folder:<dir> are built here. Other '
+        'TFDS datasets: '
         f'{_TFDS_BUILD_HINT.format(data_dir=data_dir)}.')
   manual_dir = os.path.join(data_dir, 'downloads', 'manual')
   deb_cache = os.path.join(data_dir, 'downloads', 'debs')
@@ -99,16 +115,21 @@ def prepare(names: Sequence[str] = (), data_dir: str | None = None,
   for name in names:
     start = time.perf_counter()
     status = 'already prepared'
-    if prepared_version_dir(name, data_dir) is None:
-      cls = OFFLINE_BUILDERS[builder_name(name)]
-      cls.fetch_raw(manual_dir, deb_cache)
-      cls(data_dir=data_dir, file_format='array_record').download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-      status = 'prepared'
+    if folder.is_folder_dataset(name):  # rebuilt only if the folder changed
+      version_dir = folder.prepare_folder(name, data_dir)
+      status = 'ready'
+    else:
+      version_dir = offline_version_dir(name, data_dir)
+      if prepared_version_dir(name, data_dir) is None:
+        cls = OFFLINE_BUILDERS[builder_name(name)]
+        cls.fetch_raw(manual_dir, deb_cache)
+        cls(data_dir=data_dir, file_format='array_record').download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        status = 'prepared'
     seconds[name] = time.perf_counter() - start
     if log:
-      print(f'{name}: {status} in {seconds[name]:.1f}s '
-            f'({offline_version_dir(name, data_dir)})', flush=True)
+      print(f'{name}: {status} in {seconds[name]:.1f}s ({version_dir})',
+            flush=True)
   return seconds
 
 
@@ -210,6 +231,11 @@ def _check_format_and_split(name: str, split: str, version_dir: str) -> None:
     if requested not in available:
       raise ValueError(f'Dataset {name!r} has no split {requested!r}; its '
                        f'splits: {", ".join(available)}.')
+
+
+def _split_names(version_dir: str) -> list[str]:
+  with open(os.path.join(version_dir, 'dataset_info.json')) as f:
+    return [s['name'] for s in json.load(f).get('splits', [])]
 
 
 def _version_key(version: str) -> tuple[int, ...]:
