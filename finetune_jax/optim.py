@@ -27,8 +27,12 @@ def schedule(config, peak: float) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """Weight decay on kernels and embeddings only: not biases nor norm scales."""
-  return jax.tree.map(lambda x: x.ndim > 1, params)
+  """Weight decay on Dense/Conv kernels only, as big_vision does.
+
+  Biases, norm scales, class tokens and position embeddings are not decayed.
+  """
+  flat = paths.flatten(params)
+  return paths.unflatten({k: k.rsplit('/', 1)[-1] == 'kernel' for k in flat})
 
 
 def _base_optimizer(config, lr: optax.Schedule) -> optax.GradientTransformation:

@@ -141,7 +141,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ValueError(f'num_classes={config.num_classes} but dataset {config.dataset!r} '
                      f'has {train_split.num_classes} classes; set --config.num_classes.')
   model = models.load_pretrained(config.pretrained, num_classes=config.num_classes,
-                                 dont_load=tuple(config.dont_load), seed=config.seed)
+                                 dont_load=tuple(config.dont_load), seed=config.seed,
+                                 image_size=config.image_size)
   adapted = peft.adapt(model, config.peft)
   trainable, frozen = paths.split(adapted.params, adapted.trainable)
   tx = optim.make_optimizer(config, trainable, model.head)

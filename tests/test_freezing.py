@@ -136,3 +136,20 @@ def test_schedule_warms_up_then_decays():
   assert float(lr(4)) == pytest.approx(1.0)
   assert float(lr(9)) == pytest.approx(0.5)
   assert float(lr(14)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_partial_freezes_top_level_arrays_too():
+  """A block may be a single array, like ViT's 'cls' or 'pos_embedding'."""
+  model = toy_model()
+  model.params = {**model.params, 'pos': jnp.zeros((4, 16))}
+  model.blocks = ('pos',) + model.blocks
+  adapted = peft.adapt(model, make_config('partial', num_frozen_blocks=2).peft)
+  assert 'pos' not in adapted.trainable
+  assert not any(p.startswith('stem/') for p in adapted.trainable)
+  assert 'block_0/kernel' in adapted.trainable
+
+
+def test_decay_mask_is_kernels_only():
+  params = {'pos': jnp.zeros((4, 16)), 'dense': {'kernel': jnp.zeros((2, 2)),
+                                                 'bias': jnp.zeros(2)}}
+  assert optim.decay_mask(params) == {'pos': False, 'dense': {'kernel': True, 'bias': False}}

@@ -22,7 +22,7 @@ class Pretrained:
   tokenizer: object = None
 
 
-# A loader: (path or None, *, num_classes, dont_load, seed) -> Pretrained.
+# A loader: (path or None, *, num_classes, dont_load, seed, image_size) -> Pretrained.
 Loader = Callable[..., Pretrained]
 
 
@@ -75,18 +75,22 @@ def checkpoint_format(path: str) -> str | None:
 
 
 def load_pretrained(name_or_path, *, num_classes: int | None = None,
-                    dont_load: Sequence[str] = (), seed: int = 0) -> Pretrained:
+                    dont_load: Sequence[str] = (), seed: int = 0,
+                    image_size: int | None = None) -> Pretrained:
   """A model from an alias (`list_aliases()`) or a checkpoint path.
 
   num_classes: classifier size; None keeps the checkpoint's; a different one
     replaces the head by a zero-initialised one ('^head/' is not loaded).
   dont_load: regexes over param paths that keep their initial values.
   seed: for the parameters that are initialised rather than loaded.
+  image_size: the input resolution to fine-tune at; models whose params
+    depend on it (ViT position embeddings) are adapted when loaded.
   """
   if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
     raise ValueError(f'num_classes must be a non-negative int, got {num_classes!r}.')
   name = os.fspath(name_or_path)
-  kwargs = dict(num_classes=num_classes, dont_load=tuple(dont_load), seed=seed)
+  kwargs = dict(num_classes=num_classes, dont_load=tuple(dont_load), seed=seed,
+                image_size=image_size)
   if name in _ALIASES:
     return _ALIASES[name][0](None, **kwargs)
   fmt = checkpoint_format(name)

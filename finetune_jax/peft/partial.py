@@ -15,8 +15,10 @@ def frozen_paths(model, cfg) -> set:
     raise ValueError(
         f'peft.num_frozen_blocks={n} is out of range: the model has '
         f'{len(model.blocks)} blocks {list(model.blocks)}; use 0..{len(model.blocks)}.')
-  prefixes = tuple(b + '/' for b in model.blocks[:n])
-  frozen = {p for p in names if p.startswith(prefixes)}
+  # A block is a top-level key: a subtree ('stem/conv/kernel') or a single
+  # array ('pos_embedding').
+  blocks = set(model.blocks[:n])
+  frozen = {p for p in names if p.split('/', 1)[0] in blocks}
   frozen |= paths.match(cfg.freeze, names, what='peft.freeze')
   return frozen
 

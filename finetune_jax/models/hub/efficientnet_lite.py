@@ -26,16 +26,17 @@ def _pretrained(config, params) -> registry.Pretrained:
       blocks=efficientnet_lite.block_names(config))
 
 
-def load_random(path, *, variant, num_classes, dont_load, seed):
-  del path
+def load_random(path, *, variant, num_classes, dont_load, seed, image_size=None):
+  del path, image_size  # Convolutional: any resolution runs with the same params.
   config = efficientnet_lite.make_config(variant, num_classes)
   params = efficientnet_lite.init_params(efficientnet_lite.build(config), seed)
   loading.check_dont_load(dont_load, list(loading.flat(params)), source='<random init>')
   return _pretrained(config, params)
 
 
-def load_state_dict(path, *, num_classes, dont_load, seed, variant=None):
+def load_state_dict(path, *, num_classes, dont_load, seed, image_size=None, variant=None):
   """An efficientnet-lite-pytorch state dict (.pth/.pt/.bin), read without pickle code."""
+  del image_size  # Convolutional: any resolution runs with the same params.
   state_dict = load_torch_state_dict(path)
   variant = (variant or convert_lite.variant_in_name(path)
              or convert_lite.infer_variant(state_dict, source=path))
