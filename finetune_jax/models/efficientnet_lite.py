@@ -24,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from finetune_jax.models import layers
+from finetune_jax.models import preprocessing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,33 +162,10 @@ def build(config: dict, depthwise_impl: str = 'auto') -> 'EfficientNetLite':
       depthwise_impl=depthwise_impl)
 
 
-def preprocess(images, image_size: int | None = None, *, default_size: int,
-               mean_rgb: Sequence[float], stddev_rgb: Sequence[float]):
-  """uint8 NHWC (0..255, 1 or 3 channels) -> float32 NHWC model input.
-
-  Pure jnp, so it can run inside jit. Resizes bilinearly to `image_size`
-  (default: the model's resolution) and normalises per channel.
-  """
-  images = jnp.asarray(images)
-  if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(
-        f'preprocess expects images of shape (batch, height, width, 1 or 3), '
-        f'got {images.shape}; for one image pass images[None].')
-  size = image_size or default_size
-  x = images.astype(jnp.float32)
-  if x.shape[-1] == 1:  # grayscale -> RGB
-    x = jnp.repeat(x, 3, axis=-1)
-  if x.shape[1:3] != (size, size):
-    x = jax.image.resize(x, (x.shape[0], size, size, 3), 'bilinear')
-  mean = jnp.asarray(mean_rgb, jnp.float32)
-  std = jnp.asarray(stddev_rgb, jnp.float32)
-  return (x - mean) / std
-
-
 def make_preprocess(config: dict):
   return functools.partial(
-      preprocess, default_size=config['image_size'],
-      mean_rgb=tuple(config['mean_rgb']), stddev_rgb=tuple(config['stddev_rgb']))
+      preprocessing.normalize_images, default_size=config['image_size'],
+      mean=tuple(config['mean_rgb']), std=tuple(config['stddev_rgb']))
 
 
 # ------------------------------------------------------------------- init

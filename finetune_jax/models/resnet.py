@@ -29,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from finetune_jax.models import layers
+from finetune_jax.models import preprocessing
 
 # name -> (block, blocks per stage). stage_features are the standard widths.
 DEPTHS = {
@@ -131,36 +132,11 @@ def build(config: dict) -> 'ResNet':
       bn_epsilon=config['bn_epsilon'], dropout_rate=config['dropout_rate'])
 
 
-def preprocess(images, image_size: int | None = None, *, default_size: int,
-               channel_order: str, pixel_mean: Sequence[float],
-               pixel_std: Sequence[float]):
-  """uint8 NHWC (0..255, 1 or 3 channels, RGB) -> float32 NHWC model input.
-
-  Pure jnp, so it runs inside jit: bilinear resize to `image_size` (default:
-  the model's resolution), grayscale -> RGB, RGB -> BGR for Caffe-style
-  models, then (x - mean) / std per channel of the model's channel order.
-  """
-  images = jnp.asarray(images)
-  if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(
-        f'preprocess expects images of shape (batch, height, width, 1 or 3), '
-        f'got {images.shape}; for one image pass images[None].')
-  size = image_size or default_size
-  x = images.astype(jnp.float32)
-  if x.shape[-1] == 1:
-    x = jnp.repeat(x, 3, axis=-1)
-  if x.shape[1:3] != (size, size):
-    x = jax.image.resize(x, (x.shape[0], size, size, 3), 'bilinear')
-  if channel_order == 'bgr':
-    x = x[..., ::-1]
-  return (x - jnp.asarray(pixel_mean, jnp.float32)) / jnp.asarray(pixel_std, jnp.float32)
-
-
 def make_preprocess(config: dict):
   return functools.partial(
-      preprocess, default_size=config['image_size'],
+      preprocessing.normalize_images, default_size=config['image_size'],
       channel_order=config['channel_order'],
-      pixel_mean=tuple(config['pixel_mean']), pixel_std=tuple(config['pixel_std']))
+      mean=tuple(config['pixel_mean']), std=tuple(config['pixel_std']))
 
 
 # ------------------------------------------------------------------- init

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from finetune_jax.models import preprocessing
+
 # Conv widths per block.
 VARIANTS = {
     'vgg16': ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
@@ -99,30 +101,11 @@ def build(config: dict, conv_impl: str = 'auto') -> 'VGG':
       head_dropout=config['head_dropout'])
 
 
-def preprocess(images, image_size: int | None = None, *, default_size: int,
-               mean_bgr: Sequence[float]):
-  """uint8 NHWC (0..255, 1 or 3 channels) -> float32 NHWC, Keras 'caffe' style.
-
-  Pure jnp, so it can run inside jit: bilinear resize to `image_size`
-  (default: the model's), grayscale -> RGB, RGB -> BGR, minus `mean_bgr`.
-  """
-  images = jnp.asarray(images)
-  if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(
-        f'preprocess expects images of shape (batch, height, width, 1 or 3), '
-        f'got {images.shape}; for one image pass images[None].')
-  size = image_size or default_size
-  x = images.astype(jnp.float32)
-  if x.shape[-1] == 1:
-    x = jnp.repeat(x, 3, axis=-1)
-  if x.shape[1:3] != (size, size):
-    x = jax.image.resize(x, (x.shape[0], size, size, 3), 'bilinear')
-  return x[..., ::-1] - jnp.asarray(mean_bgr, jnp.float32)
-
-
 def make_preprocess(config: dict):
-  return functools.partial(preprocess, default_size=config['image_size'],
-                           mean_bgr=tuple(config['mean_bgr']))
+  """Keras 'caffe' style: RGB -> BGR, minus the mean, no scaling."""
+  return functools.partial(
+      preprocessing.normalize_images, default_size=config['image_size'],
+      mean=tuple(config['mean_bgr']), channel_order='bgr')
 
 
 # ------------------------------------------------------------------- init

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from finetune_jax.models import efficientnet_lite
+from finetune_jax.models import preprocessing
 
 # hidden_size, num_layers, num_heads, mlp_dim, patch_size
 # (Table 2 of https://arxiv.org/abs/2106.04560, as big_vision's decode_variant).
@@ -150,8 +150,8 @@ def build(config: dict) -> 'VisionTransformer':
 def make_preprocess(config: dict):
   """uint8 NHWC -> [-1, 1] (by default) float32 at `image_size`, RGB."""
   return functools.partial(
-      efficientnet_lite.preprocess, default_size=config['image_size'],
-      mean_rgb=tuple(config['mean_rgb']), stddev_rgb=tuple(config['stddev_rgb']))
+      preprocessing.normalize_images, default_size=config['image_size'],
+      mean=tuple(config['mean_rgb']), std=tuple(config['stddev_rgb']))
 
 
 # ------------------------------------------------------- position embeddings
