@@ -21,6 +21,9 @@ def validate(config, num_devices: int) -> None:
   if missing:
     raise ValueError(f'The config lacks required keys {missing}; add them to get_config().')
   problems = []
+  for key in ('pretrained', 'dataset', 'num_classes'):
+    if config[key] is None:
+      problems.append(f'{key} is not set (--config.{key}=...)')
   for key in ('total_steps', 'batch_size', 'eval_every', 'checkpoint_every',
               'eval_batch_size', 'log_every'):
     if key in config and config[key] <= 0:

@@ -61,10 +61,11 @@ def make_optimizer(config, trainable, head: str) -> optax.GradientTransformation
       'body': _base_optimizer(config, schedule(config, config.learning_rate)),
       'head': _base_optimizer(config, schedule(config, head_lr)),
   }
-  parts = [optax.partition(groups, group_labels(trainable, head))]
-  if config.grad_clip_norm:
-    parts.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
-  return optax.chain(*parts)
+  # identity() when off keeps the state's structure, so a checkpoint resumes
+  # whether or not clipping was changed in between.
+  clip = (optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm
+          else optax.identity())
+  return optax.chain(clip, optax.partition(groups, group_labels(trainable, head)))
 
 
 def state_bytes(opt_state) -> int:

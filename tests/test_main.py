@@ -129,6 +129,7 @@ def test_incompatible_workdir_is_refused_untouched(tmp_path, override, message):
      r"'\^stme/' matches no parameter.*stem/"),
     ({'batch_size': 12}, r'batch_size=12 must be divisible by the 8 devices'),
     ({'num_classes': 7}, r'num_classes=7 but dataset .* has 10 classes'),
+    ({'dataset': None}, r'dataset is not set \(--config.dataset=...\)'),
 ])
 def test_bad_input_fails_before_writing(tmp_path, override, message):
   with pytest.raises(ValueError, match='(?s)' + message):

@@ -1,0 +1,77 @@
+"""Every field the trainer reads, with its default and what it means.
+
+An experiment's config (configs/<name>.py) starts from `get_config()` and
+sets only what makes it that experiment, as vit_jax's configs do with their
+common base, so a new engine field is added and documented in one place.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds init, data order, augmentation and dropout.
+
+  # Model and data.
+  c.pretrained = config_dict.placeholder(str)  # An alias (README) or a checkpoint path.
+  c.dont_load = ()  # Regexes of pretrained params to leave at init ('^head/' is implied when num_classes differs).
+  c.dataset = config_dict.placeholder(str)  # An alias (README), folder:<dir>, or a TFDS name prepared in data_dir.
+  c.data_dir = config_dict.placeholder(str)  # TFDS data dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.eval_split = 'test'  # Evaluated in full.
+  c.task = 'image_classification'
+  c.num_classes = config_dict.placeholder(int)  # Size of the new head.
+  c.image_size = config_dict.placeholder(int)  # Input resolution; None: the model's own.
+  c.eval_crop_ratio = 1.0  # Eval: shorter side -> image_size / ratio, then the central square; 1.0: plain resize. 0.875 for photos.
+  c.augment = ml_collections.ConfigDict()
+  c.augment.random_resized_crop = False  # Train: Inception crop (area in `scale`, aspect in `ratio`) resized to image_size; off: the eval geometry.
+  c.augment.scale = (0.08, 1.0)  # Area fraction of the random crop.
+  c.augment.ratio = (3 / 4, 4 / 3)  # Aspect (width / height) of the random crop.
+  c.augment.flip = False  # Train: mirror left-right with probability 1/2.
+  c.folder_on_bad_image = 'error'  # folder:<dir> datasets: a corrupt image stops the build ('error') or is left out with a warning ('skip').
+
+  # Method: which params train.
+  c.peft = ml_collections.ConfigDict()
+  c.peft.method = 'full'  # full | linear_probe | bitfit | partial.
+  c.peft.num_frozen_blocks = 0  # partial: freeze the first N of the model's `blocks` (README).
+  c.peft.freeze = ()  # partial: more regexes over param paths to freeze.
+
+  # Optimisation.
+  c.total_steps = 1000
+  c.batch_size = 64  # Global; split over the devices.
+  c.learning_rate = 1e-4  # Body; about 10x below pre-training for pretrained weights.
+  c.head_learning_rate = config_dict.placeholder(float)  # The new head's own rate. None: learning_rate.
+  c.warmup_steps = 50
+  c.schedule = 'cosine'  # cosine | linear | constant decay after warmup.
+  c.grad_clip_norm = 1.0  # Global-norm clipping; 0 turns it off.
+  c.label_smoothing = 0.0
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adamw'  # adamw | sgd.
+  c.optimizer.b1 = 0.9  # adamw.
+  c.optimizer.b2 = 0.999  # adamw.
+  c.optimizer.eps = 1e-8  # adamw.
+  c.optimizer.weight_decay = 1e-4  # Decoupled; kernels only, never frozen params.
+  c.optimizer.momentum = 0.9  # sgd.
+  c.optimizer.nesterov = True  # sgd.
+
+  # Execution and bookkeeping.
+  c.parallel = 'pmap'  # pmap: data parallel over all local devices; jit: one program over a mesh.
+  c.eval_batch_size = 256  # Global; split over the devices.
+  c.eval_every = 500  # Steps between evaluations on the full eval split (and one at the end).
+  c.checkpoint_every = 500  # Steps between checkpoints (and one at the end).
+  c.max_to_keep = 2  # Checkpoints kept.
+  c.log_every = 50  # Steps between train-metric events.
+  c.worker_count = 0  # grain worker processes for the input pipeline.
+  return c
+
+
+def finish(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the config argument: `smoke` shrinks a run to a few steps."""
+  if arg == 'smoke':
+    c.total_steps = 6
+    c.warmup_steps = 2
+    c.eval_every = 3
+    c.checkpoint_every = 3
+    c.log_every = 2
+  elif arg:
+    raise ValueError(f'Unknown config argument {arg!r}; use smoke or nothing.')
+  return c

@@ -1,0 +1,40 @@
+"""Every shipped config builds, has the contract keys and passes validation."""
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from finetune_jax import config_checks
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), '..', 'configs', '*.py')))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_all_configs_are_found():
+  assert {os.path.basename(p) for p in CONFIGS} >= {
+      'default.py', 'resnet.py', 'vgg16.py', 'vit.py'}
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize('arg', [None, 'smoke'])
+def test_config_is_complete_and_valid(path, arg):
+  config = load(path).get_config(arg)
+  config_checks.validate(config, num_devices=8)
+  assert config.parallel == 'pmap'
+  assert config.num_classes > 0
+  assert load(path).__doc__ and 'python -m finetune_jax.main' in load(path).__doc__
+  if arg == 'smoke':
+    assert config.total_steps <= 10
+
+
+@pytest.mark.parametrize('path', CONFIGS[:1], ids=os.path.basename)
+def test_unknown_config_argument_is_refused(path):
+  with pytest.raises(ValueError, match="Unknown config argument 'smok'"):
+    load(path).get_config('smok')
