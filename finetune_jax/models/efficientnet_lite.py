@@ -14,15 +14,14 @@ Dense layers with (in, out) kernels. BN statistics are `mean`/`var` params.
 import dataclasses
 import functools
 import math
-import zlib
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from finetune_jax.models import host_init
 from finetune_jax.models import layers
 from finetune_jax.models import preprocessing
 
@@ -172,9 +171,6 @@ def make_preprocess(config: dict):
 
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'truncated_normal')
 _depthwise_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
-# flax's truncated_normal variance scaling divides by this so that the
-# +-2 sigma truncated normal keeps the requested variance.
-_TRUNCATED_STD = 0.87962566103423978
 
 
 def _host_value(path: str, shape: tuple[int, ...], dtype, seed: int) -> np.ndarray:
@@ -188,30 +184,13 @@ def _host_value(path: str, shape: tuple[int, ...], dtype, seed: int) -> np.ndarr
     raise ValueError(f'No initializer for parameter {path!r}.')
   receptive = math.prod(shape[:-2])
   fan = receptive * (shape[-2] if path.endswith('depthwise_conv/kernel') else shape[-1])
-  std = math.sqrt(2.0 / fan) / _TRUNCATED_STD
-  # One stream per (seed, path): a leaf's value does not depend on the others.
-  rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
-  z = rng.standard_normal(math.prod(shape))
-  bad = np.abs(z) > 2
-  while bad.any():  # resample outside +-2 sigma
-    z[bad] = rng.standard_normal(int(bad.sum()))
-    bad = np.abs(z) > 2
-  return (z * std).reshape(shape).astype(dtype)
+  return host_init.truncated_normal(host_init.leaf_rng(seed, path), shape,
+                                   math.sqrt(2.0 / fan), dtype)
 
 
 def init_params(module: 'EfficientNetLite', seed: int = 0) -> dict:
-  """Initial params drawn on the host with numpy.
-
-  Same structure and distributions as `module.init`, without compiling
-  hundreds of RNG kernels (`module.init` takes ~20 s for Lite0 on this CPU,
-  and seconds even for the tiny model; this takes well under a second).
-  """
-  dummy = jnp.zeros((1, 32, 32, 3), jnp.float32)  # shapes ignore resolution
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy)['params']
-  flat = traverse_util.flatten_dict(dict(shapes), sep='/')
-  return traverse_util.unflatten_dict(
-      {p: jnp.asarray(_host_value(p, s.shape, s.dtype, seed)) for p, s in flat.items()},
-      sep='/')
+  """Initial params drawn on the host (see host_init), like `module.init`'s."""
+  return host_init.init_params(module, (1, 32, 32, 3), _host_value, seed)  # shapes ignore resolution
 
 
 # ------------------------------------------------------------------- modules

@@ -19,15 +19,13 @@ statistics are `mean`/`var` params (never trained).
 import functools
 import math
 import re
-import zlib
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from finetune_jax.models import host_init
 from finetune_jax.models import layers
 from finetune_jax.models import preprocessing
 
@@ -155,8 +153,7 @@ def _host_value(path: str, shape: tuple[int, ...], dtype, seed: int) -> np.ndarr
   if leaf != 'kernel':
     raise ValueError(f'No initializer for parameter {path!r}.')
   std = math.sqrt(2.0 / (math.prod(shape[:-2]) * shape[-1]))
-  # One stream per (seed, path): a leaf's value does not depend on the others.
-  rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+  rng = host_init.leaf_rng(seed, path)
   return (rng.standard_normal(shape, np.float32) * std).astype(dtype)
 
 
@@ -169,12 +166,7 @@ def init_params(module: 'ResNet', seed: int = 0) -> dict:
   no gradient for the body at the start (measured: 40 steps on MNIST reach
   loss 0.64 with scales at 1, 1.9 with them at 0).
   """
-  dummy = jnp.zeros((1, 32, 32, 3), jnp.float32)  # shapes ignore resolution
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy)['params']
-  flat = traverse_util.flatten_dict(dict(shapes), sep='/')
-  return traverse_util.unflatten_dict(
-      {p: jnp.asarray(_host_value(p, s.shape, s.dtype, seed)) for p, s in flat.items()},
-      sep='/')
+  return host_init.init_params(module, (1, 32, 32, 3), _host_value, seed)  # shapes ignore resolution
 
 
 # ------------------------------------------------------------------- modules

@@ -22,15 +22,14 @@ XLA:CPU's convolution is 4-6x slower there.
 """
 import functools
 import math
-import zlib
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from finetune_jax.models import host_init
 from finetune_jax.models import preprocessing
 
 # Conv widths per block.
@@ -128,24 +127,22 @@ def _host_value(path: str, shape: tuple[int, ...], dtype, seed: int) -> np.ndarr
     raise ValueError(f'No initializer for parameter {path!r}.')
   receptive = math.prod(shape[:-2])
   limit = math.sqrt(6.0 / (receptive * (shape[-2] + shape[-1])))
-  # One stream per (seed, path): a leaf's value does not depend on the others.
-  rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
-  return rng.uniform(-limit, limit, shape).astype(dtype)
+  return host_init.leaf_rng(seed, path).uniform(-limit, limit, shape).astype(dtype)
+
+
+def _input_shape(module: 'VGG') -> tuple:
+  size = module.image_size if module.include_top else 32  # only the top sees the size
+  return (1, size, size, 3)
 
 
 def param_shapes(module: 'VGG') -> dict:
   """{path: ShapeDtypeStruct}, without computing anything."""
-  size = module.image_size if module.include_top else 32  # only the top sees the size
-  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy)['params']
-  return traverse_util.flatten_dict(dict(shapes), sep='/')
+  return host_init.param_shapes(module, _input_shape(module))
 
 
 def init_params(module: 'VGG', seed: int = 0) -> dict:
-  """Initial params drawn on the host with numpy (faster than compiling `init`)."""
-  return traverse_util.unflatten_dict(
-      {p: jnp.asarray(_host_value(p, s.shape, s.dtype, seed))
-       for p, s in param_shapes(module).items()}, sep='/')
+  """Initial params drawn on the host (see host_init), like `module.init`'s."""
+  return host_init.init_params(module, _input_shape(module), _host_value, seed)
 
 
 # ------------------------------------------------------------------- modules

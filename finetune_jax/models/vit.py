@@ -22,15 +22,14 @@ another resamples their patch grid bilinearly (`resize_pos_embedding`).
 """
 import functools
 import math
-import zlib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from finetune_jax.models import host_init
 from finetune_jax.models import preprocessing
 
 # hidden_size, num_layers, num_heads, mlp_dim, patch_size
@@ -195,9 +194,6 @@ def resize_pos_embedding(posemb, grid: int, has_cls: bool) -> np.ndarray:
 
 # ------------------------------------------------------------------- init
 
-# flax's truncated_normal variance scaling divides by this so that the
-# +-2 sigma truncated normal keeps the requested variance.
-_TRUNCATED_STD = 0.87962566103423978
 
 
 def _host_value(path: str, shape: tuple[int, ...], dtype, seed: int) -> np.ndarray:
@@ -207,18 +203,11 @@ def _host_value(path: str, shape: tuple[int, ...], dtype, seed: int) -> np.ndarr
     return np.ones(shape, dtype)
   if leaf in ('bias', 'cls') or path.startswith('head/'):
     return np.zeros(shape, dtype)
-  # One stream per (seed, path): a leaf's value does not depend on the others.
-  rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+  rng = host_init.leaf_rng(seed, path)
   if leaf == 'pos_embedding':
     return (rng.standard_normal(shape) * 0.02).astype(dtype)
   if path == 'embedding/kernel':  # lecun normal, truncated (flax Conv default)
-    std = math.sqrt(1.0 / math.prod(shape[:-1])) / _TRUNCATED_STD
-    z = rng.standard_normal(math.prod(shape))
-    bad = np.abs(z) > 2
-    while bad.any():  # resample outside +-2 sigma
-      z[bad] = rng.standard_normal(int(bad.sum()))
-      bad = np.abs(z) > 2
-    return (z * std).reshape(shape).astype(dtype)
+    return host_init.truncated_normal(rng, shape, math.sqrt(1.0 / math.prod(shape[:-1])), dtype)
   if leaf == 'kernel':  # xavier uniform
     limit = math.sqrt(6.0 / (shape[0] + shape[1]))
     return rng.uniform(-limit, limit, shape).astype(dtype)
@@ -227,16 +216,13 @@ def _host_value(path: str, shape: tuple[int, ...], dtype, seed: int) -> np.ndarr
 
 def param_shapes(module: 'VisionTransformer') -> dict:
   """Flat {path: ShapeDtypeStruct}, without running anything."""
-  dummy = jax.ShapeDtypeStruct((1, module.image_size, module.image_size, 3), jnp.float32)
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy)['params']
-  return traverse_util.flatten_dict(dict(shapes), sep='/')
+  return host_init.param_shapes(module, (1, module.image_size, module.image_size, 3))
 
 
 def init_params(module: 'VisionTransformer', seed: int = 0) -> dict:
   """Initial params drawn on the host with numpy (compiling `module.init` is slow)."""
-  return traverse_util.unflatten_dict(
-      {p: jnp.asarray(_host_value(p, s.shape, s.dtype, seed))
-       for p, s in param_shapes(module).items()}, sep='/')
+  return host_init.init_params(
+      module, (1, module.image_size, module.image_size, 3), _host_value, seed)
 
 
 # ------------------------------------------------------------------- modules

@@ -1,0 +1,47 @@
+"""Random init drawn on the host with numpy, in the structure of `module.init`.
+
+Compiling flax's `module.init` builds one RNG kernel per leaf: about 20 s for
+EfficientNet-Lite0 on a 2-core CPU, seconds even for tiny test models. Each
+model gives a per-leaf `value(path, shape, dtype, seed)` drawn like its own
+initializers; this module supplies the structure and the shared draws.
+"""
+import math
+import zlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+# flax's truncated_normal variance scaling divides by this so that the
+# +-2 sigma truncated normal keeps the requested variance.
+TRUNCATED_STD = 0.87962566103423978
+
+
+def leaf_rng(seed: int, path: str) -> np.random.Generator:
+  """One stream per (seed, path): a leaf's value does not depend on the others."""
+  return np.random.default_rng([seed, zlib.crc32(path.encode())])
+
+
+def truncated_normal(rng: np.random.Generator, shape, std: float, dtype) -> np.ndarray:
+  """Normal truncated at +-2 sigma, scaled so the result has standard deviation `std`."""
+  z = rng.standard_normal(math.prod(shape))
+  bad = np.abs(z) > 2
+  while bad.any():  # resample outside +-2 sigma
+    z[bad] = rng.standard_normal(int(bad.sum()))
+    bad = np.abs(z) > 2
+  return (z * std / TRUNCATED_STD).reshape(shape).astype(dtype)
+
+
+def param_shapes(module, input_shape) -> dict:
+  """Flat {path: ShapeDtypeStruct} of `module`'s params, computing nothing."""
+  dummy = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy)['params']
+  return traverse_util.flatten_dict(dict(shapes), sep='/')
+
+
+def init_params(module, input_shape, value: Callable, seed: int) -> dict:
+  return traverse_util.unflatten_dict(
+      {p: jnp.asarray(value(p, s.shape, s.dtype, seed))
+       for p, s in param_shapes(module, input_shape).items()}, sep='/')
