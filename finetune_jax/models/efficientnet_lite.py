@@ -175,13 +175,9 @@ _depthwise_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_nor
 
 def _host_value(path: str, shape: tuple[int, ...], dtype, seed: int) -> np.ndarray:
   """The initial value of one leaf, drawn like the module's own initializer."""
-  leaf = path.rsplit('/', 1)[-1]
-  if leaf in ('scale', 'var'):
-    return np.ones(shape, dtype)
-  if leaf in ('bias', 'mean') or path.startswith('head/'):
-    return np.zeros(shape, dtype)
-  if leaf != 'kernel':
-    raise ValueError(f'No initializer for parameter {path!r}.')
+  constant = host_init.batchnorm_conv_constant(path, shape, dtype)
+  if constant is not None:
+    return constant
   receptive = math.prod(shape[:-2])
   fan = receptive * (shape[-2] if path.endswith('depthwise_conv/kernel') else shape[-1])
   return host_init.truncated_normal(host_init.leaf_rng(seed, path), shape,

@@ -34,6 +34,19 @@ def truncated_normal(rng: np.random.Generator, shape, std: float, dtype) -> np.n
   return (z * std / TRUNCATED_STD).reshape(shape).astype(dtype)
 
 
+def batchnorm_conv_constant(path: str, shape, dtype):
+  """BN-conv nets' fixed inits: 1 for BN scales and variances, 0 for biases,
+  means and the new head; None for kernels, which are drawn."""
+  leaf = path.rsplit('/', 1)[-1]
+  if leaf in ('scale', 'var'):
+    return np.ones(shape, dtype)
+  if leaf in ('bias', 'mean') or path.startswith('head/'):
+    return np.zeros(shape, dtype)
+  if leaf != 'kernel':
+    raise ValueError(f'No initializer for parameter {path!r}.')
+  return None
+
+
 def param_shapes(module, input_shape) -> dict:
   """Flat {path: ShapeDtypeStruct} of `module`'s params, computing nothing."""
   dummy = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)

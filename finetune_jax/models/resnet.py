@@ -145,13 +145,9 @@ _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 def _host_value(path: str, shape: tuple[int, ...], dtype, seed: int) -> np.ndarray:
   """The initial value of one leaf, drawn like the module's own initializer."""
-  leaf = path.rsplit('/', 1)[-1]
-  if leaf in ('scale', 'var'):
-    return np.ones(shape, dtype)
-  if leaf in ('bias', 'mean') or path.startswith('head/'):
-    return np.zeros(shape, dtype)
-  if leaf != 'kernel':
-    raise ValueError(f'No initializer for parameter {path!r}.')
+  constant = host_init.batchnorm_conv_constant(path, shape, dtype)
+  if constant is not None:
+    return constant
   std = math.sqrt(2.0 / (math.prod(shape[:-2]) * shape[-1]))
   rng = host_init.leaf_rng(seed, path)
   return (rng.standard_normal(shape, np.float32) * std).astype(dtype)
