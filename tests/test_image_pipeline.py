@@ -1,7 +1,6 @@
 """Tests of the host-side image transforms (`finetune_jax.data.image_ops`)."""
 
 import io
-import itertools
 
 import grain
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 
 from finetune_jax import data
 from finetune_jax.data import image_ops
+from test_data import assert_same_batches, take
 
 
 def encode(array, fmt='PNG', **kwargs) -> bytes:
@@ -248,18 +248,6 @@ def photo_split(n=12):
     image = noise(20 + 3 * i, 40 - 2 * i, channels, seed=i)
     examples.append({'image': encode(image, fmt), 'label': i})
   return data.Split(examples, n, None, None)
-
-
-def take(iterator, n):
-  return list(itertools.islice(iterator, n))
-
-
-def assert_same_batches(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for key in x:
-      np.testing.assert_array_equal(x[key], y[key])
 
 
 def test_train_batches_with_augmentation_are_resumable():

@@ -270,10 +270,4 @@ class EfficientNetLite(nn.Module):
                       name=f'blocks_{i}')(x, train)
     x = ConvBN(self.top_features, bn_epsilon=self.bn_epsilon, name='top')(x)
     features = jnp.mean(x, axis=(1, 2))
-    out = {'features': features}
-    if self.num_classes:
-      x = nn.Dropout(self.dropout_rate)(features, deterministic=not train)
-      # Zero-initialised: a new head starts at uniform predictions.
-      out['logits'] = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                               name='head')(x)
-    return out
+    return layers.classifier_outputs(features, self.num_classes, self.dropout_rate, train)

@@ -113,3 +113,19 @@ class FrozenBatchNorm(nn.Module):
     # One multiply-add per element; the per-channel work is negligible.
     multiplier = scale * lax.rsqrt(var + self.epsilon)
     return x * multiplier.astype(x.dtype) + (bias - mean * multiplier).astype(x.dtype)
+
+
+def classifier_outputs(features, num_classes: int, dropout_rate: float = 0.0,
+                       train: bool = False) -> dict:
+  """{'features'} plus, when `num_classes`, 'logits' from the classifier `head`.
+
+  Call it inside a compact `__call__`: the Dense joins the calling module as
+  'head' (head/kernel, head/bias), the name every loader and PEFT method
+  expects. Zero-initialised: a new head starts at uniform predictions.
+  """
+  out = {'features': features}
+  if num_classes:
+    x = nn.Dropout(dropout_rate)(features, deterministic=not train)
+    out['logits'] = nn.Dense(num_classes, kernel_init=nn.initializers.zeros,
+                             name='head')(x)
+  return out

@@ -246,13 +246,7 @@ class ResNet(nn.Module):
                           self.conv_bias, self.bn_epsilon,
                           name=f'stage{s + 1}_block{b + 1}')(x)
     features = jnp.mean(x, axis=(1, 2))
-    out = {'features': features}
-    if self.num_classes:
-      x = nn.Dropout(self.dropout_rate)(features, deterministic=not train)
-      # Zero-initialised: a new head starts at uniform predictions.
-      out['logits'] = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                               name='head')(x)
-    return out
+    return layers.classifier_outputs(features, self.num_classes, self.dropout_rate, train)
 
 
 def variant_of(block: str, stage_sizes: Sequence[int]) -> str | None:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finetune_jax.models import host_init
+from finetune_jax.models import layers
 from finetune_jax.models import preprocessing
 
 # hidden_size, num_layers, num_heads, mlp_dim, patch_size
@@ -336,9 +337,4 @@ class VisionTransformer(nn.Module):
     features = x[:, 0] if self.classifier == 'token' else jnp.mean(x, axis=1)
     if self.representation_size:
       features = jnp.tanh(nn.Dense(self.representation_size, name='pre_logits')(features))
-    out = {'features': features}
-    if self.num_classes:
-      # Zero-initialised: a new head starts at uniform predictions.
-      out['logits'] = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                               name='head')(features)
-    return out
+    return layers.classifier_outputs(features, self.num_classes)
