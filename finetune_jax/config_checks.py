@@ -1,4 +1,5 @@
 """Checks on a config that catch a user's mistakes before any expensive work."""
+from finetune_jax import tasks
 
 # Every shipped config has these keys (the CLI contract).
 REQUIRED_KEYS = ('seed', 'total_steps', 'batch_size', 'learning_rate',
@@ -21,7 +22,15 @@ def validate(config, num_devices: int) -> None:
   if missing:
     raise ValueError(f'The config lacks required keys {missing}; add them to get_config().')
   problems = []
-  for key in ('pretrained', 'dataset', 'num_classes'):
+  required = ['pretrained', 'dataset']
+  if config.task in tasks.CLASSIFICATION:
+    required.append('num_classes')
+  elif config.task == 'causal_lm' and config.num_classes is not None:
+    problems.append('num_classes is set but causal_lm keeps the model\'s LM head '
+                    '(--config.num_classes=None)')
+  if config.task not in tasks.TASKS:
+    problems.append(f'task={config.task!r} is unknown (one of {", ".join(tasks.TASKS)})')
+  for key in required:
     if config[key] is None:
       problems.append(f'{key} is not set (--config.{key}=...)')
   for key in ('total_steps', 'batch_size', 'eval_every', 'checkpoint_every',
@@ -30,6 +39,8 @@ def validate(config, num_devices: int) -> None:
       problems.append(f'{key}={config[key]} must be positive')
   if config.warmup_steps < 0:
     problems.append(f'warmup_steps={config.warmup_steps} must be >= 0')
+  if 'text' in config and config.text.max_length <= 1:
+    problems.append(f'text.max_length={config.text.max_length} must be > 1')
   if config.learning_rate <= 0:
     problems.append(f'learning_rate={config.learning_rate} must be positive')
   for key in ('batch_size', 'eval_batch_size'):

@@ -3,10 +3,10 @@
 Frozen params are an argument of the step, never a closed-over constant
 (that would bake them into the program as constants), and only the
 trainable pytree is differentiated. With `axis_name` (pmap) the step
-averages gradients and sums metrics over devices itself.
+averages gradients and sums metrics over devices itself. `inputs` maps a
+batch to the model's positional arguments (see pipelines.py).
 """
 import collections
-import functools
 
 import jax
 import optax
@@ -15,12 +15,6 @@ from finetune_jax.peft import paths
 
 # How many times each step function was traced: one compile per run.
 TRACES = collections.Counter()
-
-
-def make_inputs(model, config):
-  """batch -> the model's input, preprocessed on device inside the step."""
-  preprocess = functools.partial(model.preprocess, image_size=config.image_size)
-  return lambda batch: preprocess(batch['image'])
 
 
 def make_train_step(module, inputs, task, tx, axis_name):
@@ -32,7 +26,7 @@ def make_train_step(module, inputs, task, tx, axis_name):
 
     def loss_fn(trainable):
       params = paths.merge(trainable, frozen)
-      outputs = module.apply({'params': params}, inputs(batch), train=True,
+      outputs = module.apply({'params': params}, *inputs(batch), train=True,
                              rngs={'dropout': rng})
       return task.loss_and_metrics(outputs, batch)
 
@@ -53,7 +47,7 @@ def make_eval_step(module, inputs, task, axis_name):
   def eval_step(trainable, frozen, batch):
     TRACES['eval_step'] += 1
     params = paths.merge(trainable, frozen)
-    outputs = module.apply({'params': params}, inputs(batch), train=False)
+    outputs = module.apply({'params': params}, *inputs(batch), train=False)
     _, metrics = task.loss_and_metrics(outputs, batch)
     return jax.lax.psum(metrics, axis_name) if axis_name else metrics
   return eval_step

@@ -5,7 +5,7 @@ and frozen params -> optimizer over the trainable ones -> compiled steps
 (steps.py) -> metrics and checkpoints.
 """
 import contextlib
-import functools
+import dataclasses
 import logging
 import sys
 import time
@@ -16,11 +16,12 @@ import tqdm
 
 from finetune_jax import checkpoint
 from finetune_jax import config_checks
-from finetune_jax import data
+from finetune_jax import sampling
 from finetune_jax import models
 from finetune_jax import optim
 from finetune_jax import parallel
 from finetune_jax import peft
+from finetune_jax import pipelines
 from finetune_jax import steps
 from finetune_jax import tasks
 from finetune_jax import workdir as workdir_lib
@@ -82,44 +83,41 @@ def _host_sum(device_metrics: list, strategy) -> dict:
   return total
 
 
-def make_image_transforms(config):
-  """(train, eval) per-example image transforms, run in the grain workers.
-
-  They decode, crop and resize to config.image_size on the host, so the device
-  gets uint8 squares (the model's preprocess then only normalises).
-  """
-  if config.task != 'image_classification':
-    return None, None
-  shared = dict(crop_ratio=config.eval_crop_ratio, to_rgb=True)
-  augment = config.augment
-  train_transform = data.make_image_transform(
-      config.image_size, train=True,
-      random_resized_crop=augment.random_resized_crop, flip=augment.flip,
-      scale=tuple(augment.scale), ratio=tuple(augment.ratio), **shared)
-  eval_transform = data.make_image_transform(config.image_size, train=False,
-                                             **shared)
-  return train_transform, eval_transform
+# Steps dispatched ahead of the device at most. XLA:CPU runs a bounded number
+# of programs per device at once; with more queued, devices of a collective
+# can wait on each other forever (seen with 8 host devices and 46 eval
+# batches). A window this size still hides the host's work on accelerators.
+MAX_IN_FLIGHT = 8
 
 
-def needs_host_transform(split, config) -> bool:
-  """Whether images must be decoded, cropped or augmented on the host.
-
-  Stored arrays of one size with no augmentation and a plain resize go to the
-  device as they are (fewer bytes to copy) and `preprocess` resizes them there.
-  """
-  image = split.source[0]['image']
-  fixed_array = isinstance(image, np.ndarray) and image.dtype == np.uint8
-  augmented = config.augment.random_resized_crop or config.augment.flip
-  return not fixed_array or augmented or config.eval_crop_ratio != 1.0
-
-
-def evaluate(eval_step, state, frozen, split, config, strategy,
-             transform=None) -> dict:
+def evaluate(eval_step, state, frozen, pipeline, task, strategy) -> dict:
   sums = []
-  for batch in data.eval_batches(split, batch_size=config.eval_batch_size,
-                                 transform=transform):
+  for batch in pipeline.eval():
     sums.append(eval_step(state['trainable'], frozen, strategy.shard(batch)))
-  return tasks.finalize(_host_sum(sums, strategy), prefix='eval_')
+    if len(sums) % MAX_IN_FLIGHT == 0:
+      jax.block_until_ready(sums[-1])
+  return task.finalize(_host_sum(sums, strategy), prefix='eval_')
+
+
+def sample_texts(config, model, adapted, trainable, frozen) -> list[dict]:
+  """Continuations of `config.generation.prompts` by the model as it is now."""
+  gen = config.generation
+  current = dataclasses.replace(model, module=adapted.module,
+                                params=paths.merge(trainable, frozen))
+  texts = sampling.generate_text(
+      current, list(gen.prompts), max_new_tokens=gen.max_new_tokens,
+      temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
+      rng=jax.random.PRNGKey(config.seed))
+  return [{'prompt': p, 'text': t} for p, t in zip(gen.prompts, texts)]
+
+
+def model_options(config) -> dict:
+  """What the task asks of the architecture, beyond the checkpoint."""
+  if config.task == 'image_classification':
+    return {'image_size': config.image_size}
+  if config.task == 'text_classification':
+    return {'pooling': config.text.pooling}
+  return {}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -130,19 +128,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config_checks.validate(config, strategy.num_devices)
   workdir_lib.check_compatible(workdir, config)
   task = tasks.make_task(config)
-  train_transform, eval_transform = make_image_transforms(config)
-  load = functools.partial(data.load_split, data_dir=config.data_dir,
-                           on_bad_image=config.folder_on_bad_image)
-  train_split = load(config.dataset, 'train')
-  eval_split = load(config.dataset, config.eval_split)
-  if not needs_host_transform(train_split, config):
-    train_transform = eval_transform = None
-  if train_split.num_classes is not None and train_split.num_classes != config.num_classes:
-    raise ValueError(f'num_classes={config.num_classes} but dataset {config.dataset!r} '
-                     f'has {train_split.num_classes} classes; set --config.num_classes.')
+  splits = pipelines.open_dataset(config)
   model = models.load_pretrained(config.pretrained, num_classes=config.num_classes,
                                  dont_load=tuple(config.dont_load), seed=config.seed,
-                                 image_size=config.image_size)
+                                 **model_options(config))
+  pipeline = pipelines.make(config, splits, model)
   adapted = peft.adapt(model, config.peft)
   trainable, frozen = paths.split(adapted.params, adapted.trainable)
   tx = optim.make_optimizer(config, trainable, model.head)
@@ -169,20 +159,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
                100 * report['trainable_params'] / report['total_params'],
                report['optimizer_state_bytes'])
 
-  inputs = steps.make_inputs(model, config)
   axis = strategy.axis_name
   train_step = strategy.compile_train(
-      steps.make_train_step(adapted.module, inputs, task, tx, axis))
-  eval_step = strategy.compile_eval(steps.make_eval_step(adapted.module, inputs, task, axis))
+      steps.make_train_step(adapted.module, pipeline.inputs, task, tx, axis))
+  eval_step = strategy.compile_eval(
+      steps.make_eval_step(adapted.module, pipeline.inputs, task, axis))
+  host_frozen = frozen
   state = strategy.replicate(state)
   frozen = strategy.replicate(frozen)
   lr_schedule = optim.schedule(config, config.learning_rate)
 
   writer = workdir_lib.MetricWriter(workdir, start_step)
-  batches = data.train_batches(train_split, batch_size=config.batch_size,
-                               seed=config.seed, start_step=start_step,
-                               transform=train_transform,
-                               worker_count=config.worker_count)
+
+  def run_eval(step):
+    metrics = evaluate(eval_step, state, frozen, pipeline, task, strategy)
+    writer.write(step, 'eval', metrics)
+    logging.info('step %d: %s', step, metrics)
+    if config.task == 'causal_lm' and config.generation.prompts:
+      samples = sample_texts(config, model, adapted,
+                             strategy.unreplicate(state)['trainable'], host_frozen)
+      writer.write_samples(step, samples)
+      for sample in samples:
+        logging.info('step %d sample: %r -> %r', step, sample['prompt'], sample['text'])
+    return metrics
+
+  if start_step == 0 and config.eval_before_training:
+    run_eval(0)
+  batches = pipeline.train(start_step)
   progress = _Progress(config.total_steps, start_step)
   pending, eval_metrics = [], {}
   timer = _StepTimer()
@@ -191,18 +194,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if step == start_step + 1:  # The first step compiles: time the rest.
       timer.start(state)
     pending.append(metrics)
+    if step % MAX_IN_FLIGHT == 0:
+      jax.block_until_ready(metrics)
     logged = None
     if step % config.log_every == 0 or step == config.total_steps:
-      logged = tasks.finalize(_host_sum(pending, strategy), prefix='train_')
+      logged = task.finalize(_host_sum(pending, strategy), prefix='train_')
       logged['learning_rate'] = float(lr_schedule(step - 1))
       writer.write(step, 'train', logged)
       pending = []
     if step % config.eval_every == 0 or step == config.total_steps:
       with timer.paused(state):
-        eval_metrics = evaluate(eval_step, state, frozen, eval_split, config,
-                                strategy, eval_transform)
-      writer.write(step, 'eval', eval_metrics)
-      logging.info('step %d: %s', step, eval_metrics)
+        eval_metrics = run_eval(step)
     if step % config.checkpoint_every == 0 or step == config.total_steps:
       with timer.paused(state):
         ckpt.save(step, strategy.unreplicate(state))
@@ -210,12 +212,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   examples_per_sec = timer.rate(state, config.batch_size * (config.total_steps - start_step - 1))
   progress.close()
   if not eval_metrics:  # Resumed exactly at the end: evaluate what was restored.
-    eval_metrics = evaluate(eval_step, state, frozen, eval_split, config,
-                            strategy, eval_transform)
+    eval_metrics = evaluate(eval_step, state, frozen, pipeline, task, strategy)
   ckpt.close()
   writer.close()
 
+  initial = workdir_lib.read_event(workdir, 0, 'eval')
   results = {'final': eval_metrics, 'steps': config.total_steps,
+             **({'initial': initial} if initial else {}),
              'method': config.peft.method,
              'trainable_percent': 100 * report['trainable_params'] / report['total_params'],
              'train_examples_per_sec': examples_per_sec,

@@ -1,7 +1,8 @@
 """What a run leaves in its workdir, and whether a new config may resume it.
 
 config.json (the resolved config), metrics.jsonl (one event a line),
-TensorBoard event files, checkpoints/ and, at the end, results.json.
+samples.jsonl (causal LMs: generations at each eval), TensorBoard event
+files, checkpoints/ and, at the end, results.json.
 """
 import json
 import os
@@ -12,7 +13,7 @@ import tensorboardX
 # makes the checkpoints in the workdir meaningless; `total_steps` and the
 # like may change, which is how a finished run is extended.
 IDENTITY_KEYS = ('pretrained', 'dataset', 'task', 'num_classes', 'image_size',
-                 'dont_load', 'peft', 'optimizer.name')
+                 'text.pooling', 'dont_load', 'peft', 'optimizer.name')
 
 
 def _get(config: dict, dotted: str):
@@ -70,22 +71,49 @@ class MetricWriter:
 
   def __init__(self, workdir: str, resume_step: int):
     self._path = os.path.join(workdir, 'metrics.jsonl')
-    self._drop_after(resume_step)
+    self._samples_path = os.path.join(workdir, 'samples.jsonl')
+    for path in (self._path, self._samples_path):
+      _drop_after(path, resume_step)
     self._tb = tensorboardX.SummaryWriter(workdir)
 
-  def _drop_after(self, step: int) -> None:
-    if not os.path.exists(self._path):
-      return
-    with open(self._path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    with open(self._path, 'w') as f:
-      f.writelines(kept)
-
   def write(self, step: int, split: str, metrics: dict) -> None:
-    with open(self._path, 'a') as f:
-      f.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
+    _append(self._path, {'step': step, 'split': split, **metrics})
     for name, value in metrics.items():
       self._tb.add_scalar(f'{split}/{name}', value, step)
 
+  def write_samples(self, step: int, samples: list) -> None:
+    """Generated continuations: [{'prompt', 'text'}, ...]."""
+    for i, sample in enumerate(samples):
+      _append(self._samples_path, {'step': step, **sample})
+      self._tb.add_text(f'samples/{i}', f'**{sample["prompt"]}**{sample["text"]}', step)
+
   def close(self) -> None:
     self._tb.close()
+
+
+def read_event(workdir: str, step: int, split: str) -> dict | None:
+  """The metrics logged for (step, split), without the bookkeeping keys."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    for line in f:
+      event = json.loads(line) if line.strip() else {}
+      if event.get('step') == step and event.get('split') == split:
+        return {k: v for k, v in event.items() if k not in ('step', 'split')}
+  return None
+
+
+def _append(path: str, event: dict) -> None:
+  with open(path, 'a') as f:
+    f.write(json.dumps(event) + '\n')
+
+
+def _drop_after(path: str, step: int) -> None:
+  """Keeps the events of steps <= `step` (what a resumed run continues from)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+  with open(path, 'w') as f:
+    f.writelines(kept)

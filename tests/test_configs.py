@@ -19,7 +19,8 @@ def load(path):
 
 def test_all_configs_are_found():
   assert {os.path.basename(p) for p in CONFIGS} >= {
-      'default.py', 'resnet.py', 'vgg16.py', 'vit.py'}
+      'default.py', 'resnet.py', 'vgg16.py', 'vit.py', 'minilm_fortunes.py',
+      'gpt2_lyrics.py', 'smollm2_poems.py'}
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
@@ -28,7 +29,10 @@ def test_config_is_complete_and_valid(path, arg):
   config = load(path).get_config(arg)
   config_checks.validate(config, num_devices=8)
   assert config.parallel == 'pmap'
-  assert config.num_classes > 0
+  if config.task == 'causal_lm':
+    assert config.num_classes is None and config.eval_before_training
+  else:
+    assert config.num_classes > 0
   assert load(path).__doc__ and 'python -m finetune_jax.main' in load(path).__doc__
   if arg == 'smoke':
     assert config.total_steps <= 10

@@ -18,10 +18,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from finetune_jax import data
+from finetune_jax.data import austen
 from finetune_jax.data import builders
 from finetune_jax.data import fashion_mnist
 from finetune_jax.data import fortunes
 from finetune_jax.data import mnist5k
+from test_text_data import write_fake_janeaustenr
 
 # ------------------------------------------------------------ tiny raw files
 
@@ -71,6 +73,7 @@ def write_tiny_raw_files(manual: str) -> None:
     write_fortune_file(os.path.join(topics_dir, topic),
                        entries + ['shared by two topics'] * (
                            topic in ('work', 'zippy')))
+  write_fake_janeaustenr(os.path.join(manual, 'janeaustenr', austen.PACKAGE_SUBDIR))
 
 
 @pytest.fixture(scope='module')
@@ -432,6 +435,7 @@ REAL = {  # alias -> (train size, test size, class names or None)
     'mnist5k': (4000, 1000, [str(i) for i in range(10)]),
     'fortunes': (4876, 1171, list(fortunes.TOPICS)),
     'fortunes_poems': (571, 149, None),
+    'austen': (9101, 892, None),
 }
 
 

@@ -38,7 +38,7 @@ def run_steps(config, num_steps=3):
   state = {'step': jnp.int32(0), 'rng': jax.random.PRNGKey(0),
            'trainable': trainable, 'opt_state': tx.init(trainable)}
   step = jax.jit(steps.make_train_step(
-      adapted.module, lambda b: model.preprocess(b['image']),
+      adapted.module, lambda b: (model.preprocess(b['image']),),
       tasks.ImageClassification(3), tx, axis_name=None))
   for i in range(num_steps):
     state, _ = step(state, frozen, batch(i))

@@ -23,7 +23,7 @@ def train_with(strategy, num_steps=4):
   state = {'step': jnp.int32(0), 'rng': jax.random.PRNGKey(0),
            'trainable': trainable, 'opt_state': tx.init(trainable)}
   task = tasks.ImageClassification(3)
-  inputs = lambda b: model.preprocess(b['image'])
+  inputs = lambda b: (model.preprocess(b['image']),)
   step = strategy.compile_train(steps.make_train_step(
       adapted.module, inputs, task, tx, strategy.axis_name))
   evaluate = strategy.compile_eval(steps.make_eval_step(

@@ -352,7 +352,7 @@ def test_bad_hf_dirs_fail_loudly(hf_classifier, tmp_path):
     models.load_pretrained(extra)
   with pytest.raises(ValueError, match='hidden_act=.relu. is not supported'):
     models.load_pretrained(_copy_dir(src, tmp_path / 'relu', config={'hidden_act': 'relu'}))
-  other = _copy_dir(src, tmp_path / 'bert', config={'model_type': 'bert'})
+  other = _copy_dir(src, tmp_path / 'whisper', config={'model_type': 'whisper'})
   with pytest.raises(ValueError, match='holds no architecture'):
     models.load_pretrained(other)
 

@@ -11,6 +11,10 @@ any other name is read as a standard TFDS dataset already prepared, in
 array_record format, in the data dir. This module also answers "what is
 prepared where", so a missing dataset fails with one clear message before
 any expensive work.
+
+Text datasets are tokenized once per tokenizer into the data dir and read
+as token ids (`load_text_split`, see `text`); `text_batches` pads them to a
+few bucket lengths, `packed_lm_batches` packs them for causal LM (`packing`).
 """
 
 from __future__ import annotations
@@ -23,22 +27,35 @@ from typing import Sequence
 
 from finetune_jax.data import builders
 from finetune_jax.data import folder
+from finetune_jax.data.austen import Austen
 from finetune_jax.data.fashion_mnist import FashionMnistOffline
 from finetune_jax.data.fortunes import Fortunes
 from finetune_jax.data.fortunes import FortunesPoems
 from finetune_jax.data.image_ops import make_image_transform
 from finetune_jax.data.mnist5k import Mnist5k
+from finetune_jax.data.packing import packed_lm_batches
+from finetune_jax.data.packing import packed_lm_eval_batches
 from finetune_jax.data.pipeline import Split
 from finetune_jax.data.pipeline import eval_batches
 from finetune_jax.data.pipeline import train_batches
+from finetune_jax.data.text import TextSplit
+from finetune_jax.data.text import bucket_lengths
+from finetune_jax.data.text import check_lengths
+from finetune_jax.data.text import load_text_split
+from finetune_jax.data.text import prepare_tokenized
+from finetune_jax.data.text import text_batches
+from finetune_jax.data.text import text_eval_batches
 
 __all__ = ['DATASETS', 'Split', 'load_split', 'train_batches', 'eval_batches',
-           'prepare', 'make_image_transform']
+           'prepare', 'make_image_transform', 'TextSplit', 'load_text_split',
+           'prepare_tokenized', 'check_lengths', 'bucket_lengths',
+           'text_batches', 'text_eval_batches', 'packed_lm_batches',
+           'packed_lm_eval_batches']
 
 # Builder name (the directory TFDS writes in the data dir) -> class.
 OFFLINE_BUILDERS: dict[str, type[builders.OfflineBuilder]] = {
     cls.name: cls for cls in (FashionMnistOffline, Mnist5k, Fortunes,
-                              FortunesPoems)
+                              FortunesPoems, Austen)
 }
 # Public name -> builder name. `fashion_mnist_offline` keeps clear of TFDS's
 # own `fashion_mnist` (a different builder: PNG images, downloads).
@@ -47,6 +64,7 @@ DATASETS: dict[str, str] = {
     'mnist5k': Mnist5k.name,
     'fortunes': Fortunes.name,
     'fortunes_poems': FortunesPoems.name,
+    'austen': Austen.name,
 }
 PREPARE_COMMAND = 'python -m finetune_jax.data.prepare'
 _TFDS_BUILD_HINT = (
@@ -92,11 +110,13 @@ def load_split(name: str, split: str, data_dir: str | None = None,
 
 
 def prepare(names: Sequence[str] = (), data_dir: str | None = None,
-            log: bool = False) -> dict[str, float]:
+            log: bool = False, tokenizer=None) -> dict[str, float]:
   """Fetches the raw files and builds the named offline datasets.
 
   All of them when `names` is empty. Idempotent: prepared datasets are
-  skipped after a file check. Returns the seconds spent per dataset.
+  skipped after a file check. With a `tokenizers.Tokenizer`, the text
+  datasets among them are also tokenized for it (what `load_text_split`
+  would do on first use). Returns the seconds spent per dataset.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = resolve_data_dir(data_dir)
@@ -126,6 +146,9 @@ def prepare(names: Sequence[str] = (), data_dir: str | None = None,
         cls(data_dir=data_dir, file_format='array_record').download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
         status = 'prepared'
+    if tokenizer is not None and _has_text(version_dir):
+      version_dir = prepare_tokenized(name, tokenizer, data_dir)
+      status += ', tokenized'
     seconds[name] = time.perf_counter() - start
     if log:
       print(f'{name}: {status} in {seconds[name]:.1f}s ({version_dir})',
@@ -231,6 +254,13 @@ def _check_format_and_split(name: str, split: str, version_dir: str) -> None:
     if requested not in available:
       raise ValueError(f'Dataset {name!r} has no split {requested!r}; its '
                        f'splits: {", ".join(available)}.')
+
+
+def _has_text(version_dir: str) -> bool:
+  """Whether the dataset has a top-level 'text' feature."""
+  with open(os.path.join(version_dir, 'features.json')) as f:
+    features = json.load(f).get('featuresDict', {}).get('features', {})
+  return 'text' in features
 
 
 def _split_names(version_dir: str) -> list[str]:

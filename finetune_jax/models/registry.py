@@ -5,6 +5,7 @@ serves and a loader for the checkpoint formats it reads. `load_pretrained`
 dispatches a name to an alias, or a path to the first loader that claims it.
 """
 import dataclasses
+import inspect
 import os
 from typing import Callable, Sequence
 
@@ -76,7 +77,7 @@ def checkpoint_format(path: str) -> str | None:
 
 def load_pretrained(name_or_path, *, num_classes: int | None = None,
                     dont_load: Sequence[str] = (), seed: int = 0,
-                    image_size: int | None = None) -> Pretrained:
+                    image_size: int | None = None, **options) -> Pretrained:
   """A model from an alias (`list_aliases()`) or a checkpoint path.
 
   num_classes: classifier size; None keeps the checkpoint's; a different one
@@ -85,14 +86,16 @@ def load_pretrained(name_or_path, *, num_classes: int | None = None,
   seed: for the parameters that are initialised rather than loaded.
   image_size: the input resolution to fine-tune at; models whose params
     depend on it (ViT position embeddings) are adapted when loaded.
+  options: architecture options the loader takes, e.g. `pooling='mean'` for
+    the text encoders.
   """
   if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
     raise ValueError(f'num_classes must be a non-negative int, got {num_classes!r}.')
   name = os.fspath(name_or_path)
   kwargs = dict(num_classes=num_classes, dont_load=tuple(dont_load), seed=seed,
-                image_size=image_size)
+                image_size=image_size, **options)
   if name in _ALIASES:
-    return _ALIASES[name][0](None, **kwargs)
+    return _call(_ALIASES[name][0], None, name, kwargs)
   fmt = checkpoint_format(name)
   if fmt is None or not os.path.exists(name):
     raise ValueError(
@@ -103,7 +106,20 @@ def load_pretrained(name_or_path, *, num_classes: int | None = None,
   loaders = [l for l in _CHECKPOINT_LOADERS if fmt in l.formats]
   for loader in loaders:
     if loader.claims(name):
-      return loader.load(name, **kwargs)
+      return _call(loader.load, name, name, kwargs)
   raise ValueError(
       f'{name} ({fmt}) holds no architecture this project reads. Loaders for '
       f'{fmt}: {[l.architecture for l in loaders] or "none"}.')
+
+
+def _call(load: Loader, path, name: str, kwargs: dict) -> Pretrained:
+  """Runs a loader; an option it does not take is the user's error, named as such."""
+  options = set(kwargs) - {'num_classes', 'dont_load', 'seed', 'image_size'}
+  if options:
+    accepted = inspect.signature(load).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    unknown = sorted(o for o in options if o not in accepted and not takes_any)
+    if unknown:
+      raise ValueError(f'Model {name!r} takes no option {unknown}: those apply '
+                       'to other architectures.')
+  return load(path, **kwargs)

@@ -1,0 +1,45 @@
+r"""Causal LM: a GPT-2 on the songs and poems of `fortunes` (the seed's "GPT-2 on song lyrics").
+
+Offline there are no GPT-2 weights, so `pretrained` defaults to `gpt2-mini`:
+a 4-layer, 256-wide GPT-2 with a byte-level vocabulary, trained from scratch
+(every parameter trains). The documents are packed into rows of 256 tokens
+with <|endoftext|> between them; the loss is next-token cross-entropy, eval
+reports held-out perplexity (per byte here), and every eval logs sample
+continuations of `generation.prompts` to samples.jsonl and TensorBoard.
+
+With real GPT-2 weights (a transformers dir: config.json, model.safetensors,
+tokenizer.json) the same config fine-tunes them:
+
+  python -m finetune_jax.main --config configs/gpt2_lyrics.py --workdir runs/gpt2_lyrics
+  python -m finetune_jax.main --config configs/gpt2_lyrics.py --workdir runs/gpt2_real \
+      --config.pretrained=/path/to/gpt2 --config.learning_rate=5e-5
+
+Measured: RESULT. `:smoke` runs a few steps.
+"""
+import ml_collections
+
+from finetune_jax import base_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = base_config.get_config()  # Every field, documented.
+  c.pretrained = 'gpt2-mini'  # An alias (README) or an HF GPT-2 dir (config.json + *.safetensors + tokenizer.json).
+  c.dataset = 'fortunes_poems'  # 571 train / 149 test poems and songs (README).
+  c.task = 'causal_lm'
+  c.text.max_length = 256  # Tokens per packed row.
+  c.peft.method = 'full'
+  c.eval_before_training = True  # Step 0: the starting model's held-out perplexity.
+  c.generation.prompts = ('Roses are red,', 'The sea')
+  c.generation.max_new_tokens = 64
+  c.generation.temperature = 0.8
+  c.generation.top_p = 0.95
+  c.total_steps = 400
+  c.batch_size = 16
+  c.eval_batch_size = 32
+  c.learning_rate = 1e-3  # From scratch; about 5e-5 for real GPT-2 weights.
+  c.warmup_steps = 40
+  c.optimizer.weight_decay = 0.01
+  c.eval_every = 200
+  c.checkpoint_every = 200
+  c.log_every = 20
+  return base_config.finish(c, arg)

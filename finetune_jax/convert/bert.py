@@ -1,0 +1,150 @@
+"""transformers BERT checkpoints <-> our BERT param tree (see models/bert.py).
+
+Reads BertModel, BertForSequenceClassification and sentence-transformers dirs
+(all-MiniLM-L6-v2 keeps its keys without the 'bert.' prefix):
+  embeddings.{word,position,token_type}_embeddings.weight -> embeddings/<same>/embedding
+  embeddings.LayerNorm                                     -> embeddings/LayerNorm
+  encoder.layer.{i}.<module>                               -> layer_{i}/<module>
+  pooler.dense                                             -> pooler/dense
+  classifier                                               -> head
+nn.Linear weights (out, in) become Dense kernels (in, out); LayerNorm
+weight/bias become scale/bias. Every other key is an error, except buffers
+(`embeddings.position_ids`, `embeddings.token_type_ids`: constants, not
+weights) and the pre-training heads of BertForPreTraining / BertForMaskedLM
+(`cls.predictions.*`, `cls.seq_relationship.*`), which an encoder does not use
+(as transformers drops them when it loads a BertModel from such a file).
+"""
+import re
+
+import numpy as np
+from flax import traverse_util
+
+from finetune_jax.models import bert
+
+# (HF module, our module, layout); '{i}' is the layer index.
+_MODULES = (
+    ('embeddings.word_embeddings', 'embeddings/word_embeddings', 'embed'),
+    ('embeddings.position_embeddings', 'embeddings/position_embeddings', 'embed'),
+    ('embeddings.token_type_embeddings', 'embeddings/token_type_embeddings', 'embed'),
+    ('embeddings.LayerNorm', 'embeddings/LayerNorm', 'norm'),
+    ('encoder.layer.{i}.attention.self.query', 'layer_{i}/attention/self/query', 'linear'),
+    ('encoder.layer.{i}.attention.self.key', 'layer_{i}/attention/self/key', 'linear'),
+    ('encoder.layer.{i}.attention.self.value', 'layer_{i}/attention/self/value', 'linear'),
+    ('encoder.layer.{i}.attention.output.dense', 'layer_{i}/attention/output/dense', 'linear'),
+    ('encoder.layer.{i}.attention.output.LayerNorm', 'layer_{i}/attention/output/LayerNorm',
+     'norm'),
+    ('encoder.layer.{i}.intermediate.dense', 'layer_{i}/intermediate/dense', 'linear'),
+    ('encoder.layer.{i}.output.dense', 'layer_{i}/output/dense', 'linear'),
+    ('encoder.layer.{i}.output.LayerNorm', 'layer_{i}/output/LayerNorm', 'norm'),
+    ('pooler.dense', 'pooler/dense', 'linear'),
+    ('classifier', 'head', 'linear'),
+)
+_LEAVES = {
+    'embed': {'weight': 'embedding'},
+    'linear': {'weight': 'kernel', 'bias': 'bias'},
+    'norm': {'weight': 'scale', 'bias': 'bias'},
+}
+_BUFFERS = ('embeddings.position_ids', 'embeddings.token_type_ids')
+_PRETRAINING_HEADS = ('cls.predictions.', 'cls.seq_relationship.')
+PREFIX = 'bert.'
+
+
+def _regex(template: str) -> re.Pattern:
+  module = re.escape(template).replace(r'\{i\}', r'(?P<i>\d+)')
+  return re.compile(rf'^{module}\.(?P<leaf>[A-Za-z_]+)$')
+
+
+_RE = [(_regex(t), o, layout) for t, o, layout in _MODULES]
+
+
+def hf_to_params(tensors: dict[str, np.ndarray], source: str = '<HF checkpoint>') -> dict:
+  """Our flat {path: array} from the tensors of a transformers BERT checkpoint."""
+  flat, origin, unmapped = {}, {}, []
+  for key, value in tensors.items():
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    if name in _BUFFERS or key.startswith(_PRETRAINING_HEADS):
+      continue
+    value = np.asarray(value)
+    for regex, module, layout in _RE:
+      m = regex.match(name)
+      if m and m['leaf'] in _LEAVES[layout]:
+        module = module.format(i=m['i']) if '{i}' in module else module
+        ours = f'{module}/{_LEAVES[layout][m["leaf"]]}'
+        if layout == 'linear' and m['leaf'] == 'weight':
+          if value.ndim != 2:
+            raise ValueError(f'{source}: {key} has shape {value.shape}; a Linear weight is 2-D.')
+          value = value.T
+        break
+    else:
+      unmapped.append(key)
+      continue
+    if ours in flat:
+      raise ValueError(f'{source}: {key!r} and {origin[ours]!r} both map to {ours!r}; '
+                       'keys with and without the "bert." prefix are mixed.')
+    flat[ours], origin[ours] = np.ascontiguousarray(value), key
+  if unmapped:
+    raise ValueError(
+        f'{source}: {len(unmapped)} tensors have no BERT parameter: {unmapped[:20]}. '
+        'Is this a transformers BertModel / BertForSequenceClassification checkpoint '
+        '(absolute position embeddings, no adapters)?')
+  return flat
+
+
+def params_to_hf(params: dict, prefix: str = PREFIX) -> dict[str, np.ndarray]:
+  """transformers state-dict names and layouts of our params ('head' -> 'classifier').
+
+  prefix: 'bert.' as in BertForSequenceClassification; '' for a BertModel.
+  """
+  inverse = {o: (t, layout) for t, o, layout in _MODULES}
+  out = {}
+  for path, value in traverse_util.flatten_dict(dict(params), sep='/').items():
+    module, leaf = path.rsplit('/', 1)
+    m = re.match(r'layer_(\d+)/(.+)$', module)
+    key = f'layer_{{i}}/{m[2]}' if m else module
+    if key not in inverse:
+      raise ValueError(f'Parameter {path!r} has no transformers name.')
+    template, layout = inverse[key]
+    hf_leaf = {v: k for k, v in _LEAVES[layout].items()}[leaf]
+    value = np.asarray(value)
+    if layout == 'linear' and leaf == 'kernel':
+      value = value.T
+    name = f'{template.format(i=m[1]) if m else template}.{hf_leaf}'
+    out[name if template == 'classifier' else prefix + name] = np.ascontiguousarray(value)
+  return out
+
+
+def hf_architecture(hf_config: dict, source: str = '<config.json>') -> dict:
+  """bert.make_config fields from a transformers BertConfig dict."""
+  def get(key):
+    if key not in hf_config:
+      raise ValueError(f'{source}: config.json lacks {key!r}; is this a BERT config?')
+    return hf_config[key]
+
+  position = hf_config.get('position_embedding_type', 'absolute')
+  if position != 'absolute':
+    raise ValueError(f'{source}: position_embedding_type={position!r}; only absolute '
+                     'position embeddings are supported.')
+  act = hf_config.get('hidden_act', 'gelu')
+  if act not in bert.ACTIVATIONS:
+    raise ValueError(f'{source}: hidden_act={act!r} is not supported; use one of '
+                     f'{sorted(bert.ACTIVATIONS)}.')
+  if hf_config.get('is_decoder') or hf_config.get('add_cross_attention'):
+    raise ValueError(f'{source} is a BERT decoder (is_decoder / add_cross_attention); '
+                     'only encoders are supported.')
+  return dict(
+      vocab_size=get('vocab_size'), hidden_size=get('hidden_size'),
+      num_layers=get('num_hidden_layers'), num_heads=get('num_attention_heads'),
+      intermediate_size=get('intermediate_size'),
+      max_position_embeddings=hf_config.get('max_position_embeddings', 512),
+      type_vocab_size=hf_config.get('type_vocab_size', 2),
+      layer_norm_eps=hf_config.get('layer_norm_eps', 1e-12), hidden_act=act,
+      hidden_dropout_prob=hf_config.get('hidden_dropout_prob', 0.1),
+      attention_probs_dropout_prob=hf_config.get('attention_probs_dropout_prob', 0.1),
+      classifier_dropout=hf_config.get('classifier_dropout'),
+      pad_token_id=hf_config.get('pad_token_id', 0))
+
+
+def num_classes_in(flat: dict) -> int:
+  """Classifier size of the checkpoint; 0 when it has no classifier."""
+  kernel = flat.get('head/kernel')
+  return 0 if kernel is None else int(kernel.shape[-1])

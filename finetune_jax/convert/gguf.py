@@ -1,0 +1,487 @@
+"""Llama-family GGUF files (llama.cpp) -> the tensors of a Hugging Face dir.
+
+  hf_config, tensors, tokenizer = read_llama_gguf('model.Q4_1.gguf')
+
+`hf_config` has transformers' LlamaConfig keys and `tensors` the names,
+(out, in) layouts and float32 values that the safetensors of the same model's
+HF dir would hold, so one mapping serves both formats. What has to be undone:
+
+- Dimension order: GGUF lists dims innermost first; gguf's reader already
+  reverses them, so a row of a weight is one output unit, as in nn.Linear.
+- Quantisation: every supported type is dequantised to float32 with the
+  reference numpy code of the `gguf` package (llama.cpp's own Python library).
+  tests/test_gguf.py checks F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1
+  against its own decoding of the block formats; the k-quants (Q2_K..Q6_K,
+  what "Q4_K_M" files hold) go through the same package code, untested here.
+- Q/K rows: llama.cpp's converter permutes the rows of q_proj and k_proj so
+  each head's rotary pairs are interleaved (its RoPE rotates (x0, x1),
+  (x2, x3), ...); HF pairs the first half of a head with the second
+  (rotate-half). The inverse permutation restores HF's layout exactly.
+- Tokenizer: rebuilt as a `tokenizers.Tokenizer` from the vocabulary in the
+  metadata ('gpt2' byte-level BPE with merges, or 'llama' SentencePiece-style
+  BPE with scores and byte fallback). The pre-tokenizer regexes are llama.cpp's
+  for the file's `tokenizer.ggml.pre` (see `_PRE_TOKENIZER_REGEXES`).
+"""
+import os
+import struct
+import warnings
+
+import gguf
+import numpy as np
+import tokenizers
+from gguf import GGMLQuantizationType as _Q
+from tokenizers import decoders
+from tokenizers import models as tokenizer_models
+from tokenizers import normalizers
+from tokenizers import pre_tokenizers
+from tokenizers import processors
+
+from finetune_jax.convert.hf_dir import CheckpointFileError
+
+SUPPORTED_ARCHITECTURES = ('llama',)
+SUPPORTED_TYPES = (_Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1,
+                   _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K)
+
+# GGUF tensor -> HF tensor ('{i}' is the layer index). The permuted ones get
+# their rows un-interleaved with n_head (q) or n_head_kv (k).
+_LAYER_NAMES = {
+    'attn_norm.weight': 'input_layernorm.weight',
+    'attn_q.weight': 'self_attn.q_proj.weight',
+    'attn_q.bias': 'self_attn.q_proj.bias',
+    'attn_k.weight': 'self_attn.k_proj.weight',
+    'attn_k.bias': 'self_attn.k_proj.bias',
+    'attn_v.weight': 'self_attn.v_proj.weight',
+    'attn_v.bias': 'self_attn.v_proj.bias',
+    'attn_output.weight': 'self_attn.o_proj.weight',
+    'attn_output.bias': 'self_attn.o_proj.bias',
+    'ffn_norm.weight': 'post_attention_layernorm.weight',
+    'ffn_gate.weight': 'mlp.gate_proj.weight',
+    'ffn_up.weight': 'mlp.up_proj.weight',
+    'ffn_down.weight': 'mlp.down_proj.weight',
+}
+_TOP_NAMES = {
+    'token_embd.weight': 'model.embed_tokens.weight',
+    'output_norm.weight': 'model.norm.weight',
+    'output.weight': 'lm_head.weight',
+}
+_PERMUTED = {'attn_q': 'num_attention_heads', 'attn_k': 'num_key_value_heads'}
+
+# llama.cpp's pre-tokenizer (llama-vocab.cpp, llm_tokenizer_bpe): regexes
+# applied in turn, each splitting every piece into its matches and the text
+# between them, which is what a sequence of tokenizers' Split(...,
+# 'isolated') does. Regexes as llama.cpp writes them, except llama3's, which
+# is the original from Llama 3's tokenizer.json (llama.cpp spells (?i:...) out
+# letter by letter for its own regex engine; the two are equivalent).
+# Onig's \s and \p{..} classes may differ from llama.cpp's hand-written
+# matchers on exotic Unicode whitespace; ordinary text splits identically.
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TOKENIZER_REGEXES = {
+    # No `tokenizer.ggml.pre` (old files): llama.cpp's default.
+    'default': (r'[\p{P}\$\+<=>\^~\|]+', _GPT2_REGEX, r'\p{N}+', '[0-9][0-9][0-9]'),
+    # Digits one by one, then GPT-2's regex (SmolLM2's tokenizer.json says
+    # the same: Digits(individual_digits) + ByteLevel(use_regex)).
+    **dict.fromkeys(('smollm', 'starcoder', 'refact', 'command-r', 'codeshell', 'exaone',
+                     'minerva-7b'), (r'\p{N}', _GPT2_REGEX)),
+    **dict.fromkeys(('gpt-2', 'mpt', 'olmo', 'jais', 'trillion'), (_GPT2_REGEX,)),
+    **dict.fromkeys(('llama3', 'llama-v3', 'llama-bpe', 'falcon3', 'pixtral', 'dbrx',
+                     'smaug-bpe'), (_LLAMA3_REGEX,)),
+    **dict.fromkeys(('qwen2', 'stablelm2'), (_QWEN2_REGEX,)),
+}
+# Pre types for which llama.cpp ignores merges when a whole word is a token
+# and adds BOS unless the file says otherwise.
+_LLAMA3_PRE = ('llama3', 'llama-v3', 'llama-bpe', 'falcon3', 'pixtral')
+
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED, _TOKEN_BYTE = range(1, 7)
+_SPM_SPACE = '\u2581'  # SentencePiece's visible space
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_llama_gguf(path: str):
+  """Reads a Llama-family GGUF file as Hugging Face would hold the model.
+
+  Returns:
+    (hf_config, tensors, tokenizer): a dict with LlamaConfig keys, {HF name:
+    float32 array in nn.Linear (out, in) layout} without 'lm_head.weight' when
+    the embeddings are tied, and a `tokenizers.Tokenizer`.
+  """
+  reader = open_gguf(path)
+  arch = _meta(reader, 'general.architecture', path)
+  if arch not in SUPPORTED_ARCHITECTURES:
+    raise ValueError(
+        f'{path} holds a {arch!r} model; GGUF loading supports the '
+        f'{"/".join(SUPPORTED_ARCHITECTURES)} architecture (Llama 1/2/3, SmolLM2, TinyLlama, '
+        'Mistral-7B exported as llama). Load other models from their Hugging Face dir.')
+  config = _hf_config(reader, path)
+  tensors = _hf_tensors(reader, path, config)
+  config['tie_word_embeddings'] = 'lm_head.weight' not in tensors
+  config['attention_bias'] = 'model.layers.0.self_attn.q_proj.bias' in tensors
+  tokenizer = _tokenizer(reader, path)
+  return config, tensors, tokenizer
+
+
+class _Reader(gguf.GGUFReader):
+  """GGUFReader over a plain ndarray view of its memory map.
+
+  Slicing an np.memmap builds a memmap object per slice; the reader slices
+  once per metadata string (~100k for a 49k vocabulary), which made opening
+  SmolLM2 2-3x slower. The view keeps the map alive through its base.
+  """
+
+  @property
+  def data(self):
+    return self._data
+
+  @data.setter
+  def data(self, value):
+    self._data = value.view(np.ndarray)
+
+
+def open_gguf(path: str) -> gguf.GGUFReader:
+  """A `gguf.GGUFReader`, with unreadable files as CheckpointFileError."""
+  try:
+    reader = _Reader(path)
+  except (ValueError, KeyError, IndexError, TypeError, OSError, UnicodeDecodeError,
+          struct.error) as e:
+    raise CheckpointFileError(
+        f'{path} is not a readable GGUF file ({type(e).__name__}: {e}). It may be '
+        'truncated or corrupt, or not a GGUF file: download or export it again.') from None
+  if reader.byte_order != 'I':
+    raise CheckpointFileError(
+        f'{path} is a GGUF file for the other byte order (big-endian); convert it to '
+        'little-endian with gguf-py\'s gguf_convert_endian.py.')
+  splits = _meta(reader, 'split.count', path, default=1)
+  if splits > 1:
+    raise CheckpointFileError(
+        f'{path} is one of {splits} shards of a split GGUF model; merge them first: '
+        '`llama-gguf-split --merge first-shard.gguf merged.gguf`.')
+  return reader
+
+
+def gguf_architecture(path: str) -> str | None:
+  """`general.architecture` of a GGUF file, or None when it is not one.
+
+  Reads only the start of the header (the key comes first in files written
+  by llama.cpp and gguf-py), so registry `claims` checks stay cheap.
+  """
+  try:
+    with open(path, 'rb') as f:
+      if f.read(4) != b'GGUF':
+        return None
+      _version, _n_tensors, n_kv = struct.unpack('<IQQ', f.read(20))
+      for _ in range(min(n_kv, 8)):
+        key = _read_str(f)
+        (vtype,) = struct.unpack('<I', f.read(4))
+        if key == 'general.architecture' and vtype == 8:
+          return _read_str(f)
+        if not _skip_value(f, vtype):
+          return None
+  except (OSError, struct.error, UnicodeDecodeError, ValueError):
+    return None
+  return None
+
+
+def _read_str(f) -> str:
+  (n,) = struct.unpack('<Q', f.read(8))
+  if n > 1 << 20:
+    raise ValueError('implausible string length')
+  return f.read(n).decode('utf-8')
+
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _skip_value(f, vtype: int) -> bool:
+  if vtype in _SCALAR_SIZES:
+    f.seek(_SCALAR_SIZES[vtype], os.SEEK_CUR)
+  elif vtype == 8:
+    _read_str(f)
+  else:  # arrays never precede general.architecture in practice
+    return False
+  return True
+
+
+_REQUIRED = object()
+
+
+def _meta(reader, key: str, path: str, default=_REQUIRED):
+  field = reader.get_field(key)
+  if field is None:
+    if default is _REQUIRED:
+      raise CheckpointFileError(f'{path} lacks the GGUF metadata key {key!r}; re-export it '
+                                'with a current llama.cpp convert_hf_to_gguf.py.')
+    return default
+  value = field.contents()
+  if field.types and field.types[0] == gguf.GGUFValueType.FLOAT32:
+    value = float(str(np.float32(value)))  # 1e-05, not 9.999999747378752e-06
+  return value
+
+
+def _hf_config(reader, path: str) -> dict:
+  def get(key, default=_REQUIRED):
+    return _meta(reader, f'llama.{key}', path, default)
+
+  experts = get('expert_count', 0)
+  if experts:
+    raise ValueError(f'{path} is a mixture-of-experts model ({experts} experts, e.g. '
+                     'Mixtral); only dense Llama models are supported.')
+  hidden, heads = get('embedding_length'), get('attention.head_count')
+  kv_heads = get('attention.head_count_kv', heads)
+  if not isinstance(heads, int) or not isinstance(kv_heads, int):
+    raise ValueError(f'{path} has per-layer head counts; only uniform ones are supported.')
+  head_dim = get('attention.key_length', hidden // heads)
+  value_dim = get('attention.value_length', head_dim)
+  rope_dim = get('rope.dimension_count', head_dim)
+  if value_dim != head_dim or rope_dim != head_dim:
+    raise ValueError(
+        f'{path}: key length {head_dim}, value length {value_dim} and rotary dimension '
+        f'{rope_dim} differ; the Llama model needs them equal (full-width RoPE).')
+  scaling = get('rope.scaling.type', 'none')
+  if scaling in ('none', None):
+    rope_scaling = None
+  elif scaling == 'linear':
+    rope_scaling = {'rope_type': 'linear', 'factor': get('rope.scaling.factor')}
+  else:
+    rope_scaling = {'rope_type': scaling, 'factor': get('rope.scaling.factor', None)}
+  tokens = reader.get_field('tokenizer.ggml.tokens')
+  vocab = get('vocab_size', len(tokens.data) if tokens is not None else _REQUIRED)
+  return {
+      'model_type': 'llama',
+      'architectures': ['LlamaForCausalLM'],
+      'vocab_size': vocab,
+      'hidden_size': hidden,
+      'intermediate_size': get('feed_forward_length'),
+      'num_hidden_layers': get('block_count'),
+      'num_attention_heads': heads,
+      'num_key_value_heads': kv_heads,
+      'head_dim': head_dim,
+      'rms_norm_eps': get('attention.layer_norm_rms_epsilon', 1e-5),
+      'rope_theta': get('rope.freq_base', 10000.0),
+      'rope_scaling': rope_scaling,
+      'max_position_embeddings': get('context_length'),
+      'tie_word_embeddings': None,  # set from the tensors
+      'attention_bias': None,  # set from the tensors
+      'bos_token_id': _meta(reader, 'tokenizer.ggml.bos_token_id', path, None),
+      'eos_token_id': _meta(reader, 'tokenizer.ggml.eos_token_id', path, None),
+      'pad_token_id': _meta(reader, 'tokenizer.ggml.padding_token_id', path, None),
+  }
+
+
+def hf_name(gguf_name: str) -> str | None:
+  """The HF LlamaForCausalLM name of a GGUF tensor, or None if it has none."""
+  if gguf_name in _TOP_NAMES:
+    return _TOP_NAMES[gguf_name]
+  parts = gguf_name.split('.', 2)
+  if len(parts) == 3 and parts[0] == 'blk' and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+    return f'model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}'
+  return None
+
+
+def dequantize(tensor, path: str = '<gguf>') -> np.ndarray:
+  """A gguf ReaderTensor as a float32 array in numpy (row-major) order."""
+  qtype = tensor.tensor_type
+  if qtype not in SUPPORTED_TYPES:
+    names = ', '.join(t.name for t in SUPPORTED_TYPES)
+    raise ValueError(
+        f'{path}: tensor {tensor.name!r} has GGUF type {qtype.name}, which this loader cannot '
+        f'dequantise (supported: {names}). Re-export the model with a supported type, e.g. '
+        '`llama-quantize --allow-requantize model.gguf model-Q8_0.gguf Q8_0`, or convert '
+        'the HF checkpoint with `convert_hf_to_gguf.py --outtype f16` (or q8_0).')
+  values = gguf.quants.dequantize(tensor.data, qtype)
+  shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+  if values.shape != shape:
+    raise CheckpointFileError(f'{path}: tensor {tensor.name!r} dequantised to shape '
+                              f'{values.shape}, expected {shape}; the file may be corrupt.')
+  # F32 comes back as a view of the memory-mapped file: own it.
+  return np.array(values, dtype=np.float32, copy=True) if qtype == _Q.F32 else values
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Inverse of llama.cpp convert_hf_to_gguf's `permute` (q: n_head, k: n_head_kv).
+
+  llama.cpp interleaves each head's two rotary halves row by row; this
+  restores HF's [first half; second half] order. Works on weights and biases.
+  """
+  rows = w.shape[0]
+  return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2)
+          .reshape(w.shape))
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+  """llama.cpp's permutation (HF -> GGUF layout), for writing test files."""
+  rows = w.shape[0]
+  return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2)
+          .reshape(w.shape))
+
+
+def _expected_shape(name: str, c: dict) -> tuple | None:
+  d, v, i = c['hidden_size'], c['vocab_size'], c['intermediate_size']
+  q, kv = c['num_attention_heads'] * c['head_dim'], c['num_key_value_heads'] * c['head_dim']
+  leaf = name.split('.', 3)[-1] if name.startswith('model.layers.') else name
+  return {
+      'model.embed_tokens.weight': (v, d), 'lm_head.weight': (v, d), 'model.norm.weight': (d,),
+      'input_layernorm.weight': (d,), 'post_attention_layernorm.weight': (d,),
+      'self_attn.q_proj.weight': (q, d), 'self_attn.q_proj.bias': (q,),
+      'self_attn.k_proj.weight': (kv, d), 'self_attn.k_proj.bias': (kv,),
+      'self_attn.v_proj.weight': (kv, d), 'self_attn.v_proj.bias': (kv,),
+      'self_attn.o_proj.weight': (d, q), 'self_attn.o_proj.bias': (d,),
+      'mlp.gate_proj.weight': (i, d), 'mlp.up_proj.weight': (i, d), 'mlp.down_proj.weight': (d, i),
+  }.get(leaf)
+
+
+def _hf_tensors(reader, path: str, config: dict) -> dict[str, np.ndarray]:
+  tensors = {}
+  for tensor in reader.tensors:
+    if tensor.name == 'rope_freqs.weight':
+      raise ValueError(
+          f'{path} carries rope_freqs.weight (Llama 3.1-style scaled RoPE), which the Llama '
+          'model does not implement; use a model with plain RoPE (Llama 2/3.0, SmolLM2).')
+    name = hf_name(tensor.name)
+    if name is None:
+      raise CheckpointFileError(
+          f'{path}: tensor {tensor.name!r} has no Llama counterpart (not a plain dense Llama '
+          'checkpoint?); nothing was loaded.')
+    layer = int(tensor.name.split('.')[1]) if name.startswith('model.layers.') else None
+    if layer is not None and layer >= config['num_hidden_layers']:
+      raise CheckpointFileError(f'{path}: tensor {tensor.name!r} is past llama.block_count = '
+                                f'{config["num_hidden_layers"]}.')
+    value = dequantize(tensor, path)
+    kind = tensor.name.split('.')[2] if layer is not None else None
+    if kind in _PERMUTED:
+      value = unpermute_rows(value, config[_PERMUTED[kind]])
+    expected = _expected_shape(name, config)
+    if value.shape != expected:
+      raise CheckpointFileError(f'{path}: {tensor.name!r} has shape {value.shape}, but the '
+                                f'metadata implies {expected} for {name}.')
+    tensors[name] = value
+  required = ['model.embed_tokens.weight', 'model.norm.weight']
+  for i in range(config['num_hidden_layers']):
+    required += [f'model.layers.{i}.{n}' for n in _LAYER_NAMES.values() if n.endswith('weight')]
+  missing = [n for n in required if n not in tensors]
+  if missing:
+    raise CheckpointFileError(f'{path} lacks the tensors for {missing[:6]}'
+                              f'{" ..." if len(missing) > 6 else ""}; the file is incomplete.')
+  return tensors
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _tokenizer(reader, path: str) -> tokenizers.Tokenizer:
+  def get(key, default=_REQUIRED):
+    return _meta(reader, f'tokenizer.ggml.{key}', path, default)
+
+  kind = get('model', None)
+  if kind is None or reader.get_field('tokenizer.ggml.tokens') is None:
+    raise CheckpointFileError(f'{path} carries no tokenizer (no tokenizer.ggml.model/tokens); '
+                              'export it with its vocabulary (convert_hf_to_gguf.py does).')
+  tokens = reader.get_field('tokenizer.ggml.tokens').contents()
+  types_field = reader.get_field('tokenizer.ggml.token_type')
+  types = types_field.contents() if types_field is not None else [_TOKEN_NORMAL] * len(tokens)
+  pre = get('pre', 'default')
+  if kind == 'gpt2':
+    merges = [tuple(m.split(' ', 1)) for m in get('merges')]
+    tok = _bpe_tokenizer(tokens, merges, pre, path)
+    add_bos_default = pre in _LLAMA3_PRE
+  elif kind == 'llama':
+    scores = get('scores', None)
+    if scores is None:
+      raise CheckpointFileError(f'{path}: a SentencePiece ("llama") vocabulary without '
+                                'tokenizer.ggml.scores; re-export the GGUF file.')
+    unk = get('unknown_token_id', None)
+    tok = _spm_tokenizer(tokens, scores, types, unk, get('add_space_prefix', True))
+    add_bos_default = True
+  else:
+    raise ValueError(f'{path}: tokenizer.ggml.model {kind!r} is not supported; supported are '
+                     '"gpt2" (byte-level BPE) and "llama" (SentencePiece BPE).')
+
+  # Control tokens (and the named specials) are matched whole before
+  # pre-tokenization and skipped when decoding; user-defined ones are matched
+  # whole but decoded as text (llama.cpp stores them as plain text).
+  special_ids = {i for i, t in enumerate(types) if t in (_TOKEN_CONTROL, _TOKEN_UNKNOWN)}
+  for key in ('bos', 'eos', 'unknown', 'padding', 'seperator', 'cls', 'mask'):
+    i = get(f'{key}_token_id', None)
+    if i is not None and 0 <= i < len(tokens):
+      special_ids.add(i)
+  tok.add_special_tokens([tokenizers.AddedToken(tokens[i], special=True, normalized=False)
+                          for i in sorted(special_ids)])
+  user = [i for i, t in enumerate(types) if t == _TOKEN_USER and i not in special_ids]
+  if user:
+    tok.add_tokens([tokenizers.AddedToken(tokens[i], special=False, normalized=False)
+                    for i in user])
+
+  # BOS/EOS the way llama.cpp adds them (the file's flags win over defaults).
+  bos_id, eos_id = get('bos_token_id', None), get('eos_token_id', None)
+  add_bos = get('add_bos_token', add_bos_default) and bos_id is not None
+  add_eos = get('add_eos_token', False) and eos_id is not None
+  if add_bos or add_eos:
+    bos = f'{tokens[bos_id]} ' if add_bos else ''
+    eos = f' {tokens[eos_id]}' if add_eos else ''
+    specials = {tokens[i]: i for i, used in ((bos_id, add_bos), (eos_id, add_eos)) if used}
+    tok.post_processor = processors.TemplateProcessing(
+        single=f'{bos}$A{eos}', pair=f'{bos}$A{eos} {bos}$B:1{eos}',
+        special_tokens=list(specials.items()))
+  return tok
+
+
+def _bpe_tokenizer(tokens, merges, pre: str, path: str) -> tokenizers.Tokenizer:
+  """Byte-level BPE (GPT-2 style): tokens are byte-to-unicode mapped strings."""
+  vocab = {}
+  for i, t in enumerate(tokens):
+    vocab.setdefault(t, i)
+  if pre not in _PRE_TOKENIZER_REGEXES:
+    warnings.warn(
+        f'{path}: tokenizer.ggml.pre = {pre!r} is not one this reader knows; using GPT-2\'s '
+        'pre-tokenizer regex. Token ids may differ from llama.cpp\'s on some text; prefer the '
+        "model's HF dir (tokenizer.json) if exact ids matter.", stacklevel=3)
+    regexes = (_GPT2_REGEX,)
+  else:
+    regexes = _PRE_TOKENIZER_REGEXES[pre]
+  tok = tokenizers.Tokenizer(tokenizer_models.BPE(
+      vocab=vocab, merges=merges, ignore_merges=pre in _LLAMA3_PRE))
+  tok.pre_tokenizer = pre_tokenizers.Sequence(
+      [pre_tokenizers.Split(tokenizers.Regex(r), behavior='isolated') for r in regexes]
+      + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  return tok
+
+
+def _spm_tokenizer(tokens, scores, types, unk_id, add_space_prefix: bool) -> tokenizers.Tokenizer:
+  """SentencePiece BPE (Llama 1/2, TinyLlama) as HF's LlamaTokenizerFast builds it.
+
+  Merges come from the scores as transformers' SentencePieceExtractor derives
+  them: every split of a piece into two pieces, ranked by the merged piece's
+  score (highest first). Bytes missing from the vocabulary fall back to the
+  <0xXX> tokens.
+  """
+  vocab = {}
+  for i, t in enumerate(tokens):
+    vocab.setdefault(t, i)
+  mergeable = {t for t, ty in zip(tokens, types) if ty in (_TOKEN_NORMAL, _TOKEN_USER)}
+  merges = []
+  for i, piece in enumerate(tokens):
+    if types[i] not in (_TOKEN_NORMAL, _TOKEN_USER):
+      continue
+    local = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+             if piece[:k] in mergeable and piece[k:] in mergeable]
+    local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+    merges += [(l, r, scores[i]) for l, r in local]
+  merges.sort(key=lambda m: -m[2])  # stable: ties keep id order
+  unk = tokens[unk_id] if unk_id is not None else None
+  tok = tokenizers.Tokenizer(tokenizer_models.BPE(
+      vocab=vocab, merges=[(l, r) for l, r, _ in merges], unk_token=unk, fuse_unk=True,
+      byte_fallback=True))
+  norm = [normalizers.Replace(' ', _SPM_SPACE)]
+  if add_space_prefix:
+    norm.insert(0, normalizers.Prepend(_SPM_SPACE))
+  tok.normalizer = normalizers.Sequence(norm)
+  dec = [decoders.Replace(_SPM_SPACE, ' '), decoders.ByteFallback(), decoders.Fuse()]
+  if add_space_prefix:
+    dec.append(decoders.Strip(' ', 1, 0))
+  tok.decoder = decoders.Sequence(dec)
+  return tok

@@ -1,0 +1,343 @@
+"""BERT encoder (Devlin et al., 2019), as transformers' BertModel.
+
+Post-LN encoder: word + learned absolute position + token-type embeddings ->
+LayerNorm -> layers of (self-attention, dense, residual, LayerNorm; GELU
+intermediate, dense, residual, LayerNorm) -> pooled features -> optional head.
+MiniLM (all-MiniLM-L6-v2) is the same architecture at 6 layers of width 384.
+
+Param tree (names mirror HF modules, so PEFT regexes written for HF apply):
+  embeddings  {word_embeddings, position_embeddings, token_type_embeddings}/embedding,
+              LayerNorm {scale, bias}
+  layer_i     attention/self/{query, key, value}, attention/output/{dense, LayerNorm},
+              intermediate/dense, output/{dense, LayerNorm}
+  pooler      dense (Dense + tanh on [CLS]; only with add_pooler)
+  head        Dense on `features`, zero-initialised (only with num_classes)
+Dense kernels are (in, out): HF nn.Linear weights transposed.
+
+Pooling ('features', what the head sees): 'cls' the final hidden state of
+token 0; 'mean' its masked mean over the attention mask (sentence-transformers
+pooling); 'pooler' the pooler's output, which is what HF
+BertForSequenceClassification feeds its classifier, so fine-tuned HF
+classifiers load with identical logits.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from finetune_jax.models import attention
+from finetune_jax.models import host_init
+from finetune_jax.models import layers
+
+VARIANTS = {
+    # bert-base-uncased.
+    'base': dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
+                 intermediate_size=3072),
+    # nreimers/MiniLM-L6-H384-uncased, the body of all-MiniLM-L6-v2.
+    'minilm-l6': dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
+                      intermediate_size=1536),
+    # A two-layer toy over the byte-level vocabulary (256 bytes + 5 specials).
+    'tiny': dict(vocab_size=261, hidden_size=32, num_layers=2, num_heads=4,
+                 intermediate_size=64, pad_token_id=256),
+}
+POOLINGS = ('cls', 'mean', 'pooler')
+# HF hidden_act -> approximate GELU? ('gelu' is exact erf GELU.)
+ACTIVATIONS = {'gelu': False, 'gelu_new': True, 'gelu_pytorch_tanh': True}
+
+_ARCH_KEYS = ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size')
+
+
+def make_config(variant: str | None = 'base', num_classes: int | None = None,
+                **fields) -> dict:
+  """The JSON-serialisable architecture config.
+
+  variant: 'base', 'minilm-l6', 'tiny', or None when `fields` give
+    vocab_size, hidden_size, num_layers, num_heads, intermediate_size (checkpoints).
+  num_classes: None or 0 builds no head.
+  """
+  if variant in VARIANTS:
+    base = dict(VARIANTS[variant])
+  elif variant is None:
+    base = {}
+  else:
+    raise ValueError(f'Unknown BERT variant {variant!r}; use one of {sorted(VARIANTS)}.')
+  config = dict(
+      model='bert', variant=variant, max_position_embeddings=512, type_vocab_size=2,
+      layer_norm_eps=1e-12, hidden_act='gelu', hidden_dropout_prob=0.1,
+      attention_probs_dropout_prob=0.1, classifier_dropout=None, pooling='cls',
+      add_pooler=True, pad_token_id=0)
+  config.update(base)
+  unknown = set(fields) - set(config) - set(_ARCH_KEYS)
+  if unknown:
+    raise ValueError(f'Unknown BERT config keys {sorted(unknown)}; known: '
+                     f'{sorted({*config, *_ARCH_KEYS})}.')
+  config.update(fields)
+  config['num_classes'] = num_classes or 0
+  missing = [k for k in _ARCH_KEYS if k not in config]
+  if missing:
+    raise ValueError(f'A BERT config without a variant needs {missing}.')
+  _validate(config)
+  return config
+
+
+def _validate(config: dict) -> None:
+  if config['hidden_size'] % config['num_heads']:
+    raise ValueError(f'hidden_size={config["hidden_size"]} is not divisible by '
+                     f'num_heads={config["num_heads"]}.')
+  if config['pooling'] not in POOLINGS:
+    raise ValueError(f'pooling={config["pooling"]!r}; use one of {POOLINGS}.')
+  if config['pooling'] == 'pooler' and not config['add_pooler']:
+    raise ValueError("pooling='pooler' needs a pooler, and this model has none "
+                     "(add_pooler=False); use pooling='cls' or 'mean'.")
+  if config['hidden_act'] not in ACTIVATIONS:
+    raise ValueError(f'hidden_act={config["hidden_act"]!r} is not supported; use one '
+                     f'of {sorted(ACTIVATIONS)}.')
+  for key in ('hidden_dropout_prob', 'attention_probs_dropout_prob', 'classifier_dropout'):
+    rate = config[key]
+    if rate is not None and not 0.0 <= rate < 1.0:
+      raise ValueError(f'{key}={rate!r} must be in [0, 1).')
+
+
+def variant_of(config: dict) -> str | None:
+  """The named variant with these dimensions, if any."""
+  dims = {k: config[k] for k in _ARCH_KEYS}
+  return next((name for name, v in VARIANTS.items()
+               if {k: v[k] for k in _ARCH_KEYS} == dims), None)
+
+
+def block_names(config: dict) -> tuple[str, ...]:
+  """Top-level param keys from input to output, without the head."""
+  pooler = ('pooler',) if config['add_pooler'] else ()
+  return ('embeddings', *(f'layer_{i}' for i in range(config['num_layers'])), *pooler)
+
+
+def build(config: dict) -> 'BertEncoder':
+  classifier_dropout = config['classifier_dropout']
+  return BertEncoder(
+      **{k: config[k] for k in (
+          'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
+          'max_position_embeddings', 'type_vocab_size', 'layer_norm_eps',
+          'hidden_dropout_prob', 'attention_probs_dropout_prob', 'pooling',
+          'add_pooler', 'num_classes')},
+      gelu_approximate=ACTIVATIONS[config['hidden_act']],
+      classifier_dropout=(config['hidden_dropout_prob'] if classifier_dropout is None
+                          else classifier_dropout))
+
+
+# ------------------------------------------------------------------- init
+
+
+def param_shapes(module: 'BertEncoder') -> dict:
+  """Flat {path: ShapeDtypeStruct}, without running anything.
+
+  (host_init.param_shapes feeds a float dummy; embeddings need integer ids.)
+  """
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), ids)['params']
+  return traverse_util.flatten_dict(dict(shapes), sep='/')
+
+
+def _host_value(path: str, shape, dtype, seed: int, pad_token_id: int | None) -> np.ndarray:
+  """HF BertPreTrainedModel._init_weights: N(0, 0.02) weights, zero biases and padding row."""
+  leaf = path.rsplit('/', 1)[-1]
+  if leaf == 'scale':
+    return np.ones(shape, dtype)
+  if leaf == 'bias' or path.startswith('head/'):
+    return np.zeros(shape, dtype)
+  if leaf not in ('kernel', 'embedding'):
+    raise ValueError(f'No initializer for parameter {path!r}.')
+  value = (host_init.leaf_rng(seed, path).standard_normal(shape) * 0.02).astype(dtype)
+  if path == 'embeddings/word_embeddings/embedding' and pad_token_id is not None:
+    value[pad_token_id] = 0
+  return value
+
+
+def init_params(module: 'BertEncoder', seed: int = 0, pad_token_id: int | None = 0) -> dict:
+  """Initial params drawn on the host with numpy (compiling `module.init` is slow)."""
+  return traverse_util.unflatten_dict(
+      {p: jnp.asarray(_host_value(p, s.shape, s.dtype, seed, pad_token_id))
+       for p, s in param_shapes(module).items()}, sep='/')
+
+
+# ------------------------------------------------------------------- modules
+
+_normal = nn.initializers.normal(0.02)
+
+
+def _dense(features: int, name: str) -> nn.Dense:
+  return nn.Dense(features, kernel_init=_normal, name=name)
+
+
+def _layer_norm(eps: float) -> nn.LayerNorm:
+  return nn.LayerNorm(eps, use_fast_variance=False, name='LayerNorm')
+
+
+class Embeddings(nn.Module):
+  vocab_size: int
+  hidden_size: int
+  max_position_embeddings: int
+  type_vocab_size: int
+  layer_norm_eps: float
+  dropout_rate: float
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, train: bool):
+    length = input_ids.shape[1]
+    embed = lambda n, name: nn.Embed(n, self.hidden_size, embedding_init=_normal, name=name)
+    x = embed(self.vocab_size, 'word_embeddings')(input_ids)
+    x = x + embed(self.max_position_embeddings, 'position_embeddings')(
+        jnp.arange(length)[None])
+    x = x + embed(self.type_vocab_size, 'token_type_embeddings')(token_type_ids)
+    x = _layer_norm(self.layer_norm_eps)(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+
+class SelfAttention(nn.Module):
+  """Query/key/value projections and scaled dot-product attention (no output dense)."""
+  num_heads: int
+  dropout_rate: float
+
+  @nn.compact
+  def __call__(self, x, mask, train: bool):
+    batch, length, width = x.shape
+    heads = lambda name: _dense(width, name)(x).reshape(
+        batch, length, self.num_heads, width // self.num_heads)
+    dropout = train and self.dropout_rate > 0
+    y = attention.dot_product_attention(
+        heads('query'), heads('key'), heads('value'), mask,
+        dropout_rate=self.dropout_rate,
+        dropout_rng=self.make_rng('dropout') if dropout else None,
+        deterministic=not dropout)
+    return y.reshape(batch, length, width)
+
+
+class DenseNorm(nn.Module):
+  """HF BertSelfOutput / BertOutput: LayerNorm(dropout(dense(y)) + residual)."""
+  hidden_size: int
+  layer_norm_eps: float
+  dropout_rate: float
+
+  @nn.compact
+  def __call__(self, y, residual, train: bool):
+    y = _dense(self.hidden_size, 'dense')(y)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    return _layer_norm(self.layer_norm_eps)(y + residual)
+
+
+class Attention(nn.Module):
+  num_heads: int
+  layer_norm_eps: float
+  hidden_dropout_prob: float
+  attention_probs_dropout_prob: float
+
+  @nn.compact
+  def __call__(self, x, mask, train: bool):
+    y = SelfAttention(self.num_heads, self.attention_probs_dropout_prob,
+                      name='self')(x, mask, train)
+    return DenseNorm(x.shape[-1], self.layer_norm_eps, self.hidden_dropout_prob,
+                     name='output')(y, x, train)
+
+
+class Intermediate(nn.Module):
+  intermediate_size: int
+  gelu_approximate: bool
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.gelu(_dense(self.intermediate_size, 'dense')(x),
+                   approximate=self.gelu_approximate)
+
+
+class Layer(nn.Module):
+  num_heads: int
+  intermediate_size: int
+  layer_norm_eps: float
+  gelu_approximate: bool
+  hidden_dropout_prob: float
+  attention_probs_dropout_prob: float
+
+  @nn.compact
+  def __call__(self, x, mask, train: bool):
+    x = Attention(self.num_heads, self.layer_norm_eps, self.hidden_dropout_prob,
+                  self.attention_probs_dropout_prob, name='attention')(x, mask, train)
+    y = Intermediate(self.intermediate_size, self.gelu_approximate, name='intermediate')(x)
+    return DenseNorm(x.shape[-1], self.layer_norm_eps, self.hidden_dropout_prob,
+                     name='output')(y, x, train)
+
+
+class Pooler(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(_dense(x.shape[-1], 'dense')(x[:, 0]))
+
+
+def mean_pool(x, attention_mask):
+  """Masked mean over tokens, as sentence-transformers (count clamped at 1e-9)."""
+  if attention_mask is None:
+    return jnp.mean(x, axis=1)
+  m = jnp.asarray(attention_mask).astype(x.dtype)[..., None]
+  return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
+
+
+class BertEncoder(nn.Module):
+  """BERT; returns {'last_hidden_state' [B, T, D], 'features' [B, D],
+  'pooler_output' [B, D] (with add_pooler), 'logits' [B, C] (with num_classes)}.
+
+  attention_mask [B, T]: 1 for real tokens, 0 for padding (keys only, as HF).
+  token_type_ids [B, T]: segment ids, zeros by default.
+  `train=True` enables dropout (rng 'dropout').
+  """
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  gelu_approximate: bool = False
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  classifier_dropout: float = 0.1
+  pooling: str = 'cls'
+  add_pooler: bool = True
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
+               train: bool = False) -> dict[str, Any]:
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise ValueError(f'input_ids must be integer [batch, length], got '
+                       f'{input_ids.dtype} {input_ids.shape}.')
+    length = input_ids.shape[1]
+    if length > self.max_position_embeddings:
+      raise ValueError(
+          f'Sequence length {length} exceeds this BERT\'s {self.max_position_embeddings} '
+          'positions. Truncate the text to the model\'s context when tokenizing '
+          '(the data config\'s max length) or split it into shorter pieces.')
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    x = Embeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
+                   self.type_vocab_size, self.layer_norm_eps, self.hidden_dropout_prob,
+                   name='embeddings')(input_ids, token_type_ids, train)
+    mask = attention.padding_mask(attention_mask, length)
+    for i in range(self.num_layers):
+      x = Layer(self.num_heads, self.intermediate_size, self.layer_norm_eps,
+                self.gelu_approximate, self.hidden_dropout_prob,
+                self.attention_probs_dropout_prob, name=f'layer_{i}')(x, mask, train)
+    out = {'last_hidden_state': x}
+    if self.add_pooler:
+      out['pooler_output'] = Pooler(name='pooler')(x)
+    if self.pooling == 'pooler':
+      features = out['pooler_output']
+    elif self.pooling == 'mean':
+      features = mean_pool(x, attention_mask)
+    else:
+      features = x[:, 0]
+    out.update(layers.classifier_outputs(features, self.num_classes,
+                                         self.classifier_dropout, train))
+    return out

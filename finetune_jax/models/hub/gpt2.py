@@ -1,0 +1,120 @@
+"""GPT-2: random-init aliases (byte-level tokenizer) and the HF-dir loader.
+
+A causal LM keeps its LM head: every loader refuses `num_classes` other than
+None. The HF-dir tokenizer comes from tokenizer.json, else vocab.json +
+merges.txt (byte-level BPE); a dir with neither (e.g. `save_pretrained` of
+the model alone) loads with `tokenizer=None`.
+"""
+import functools
+import os
+
+import tokenizers
+from flax import traverse_util
+from tokenizers import decoders
+from tokenizers import models as tokenizer_models
+from tokenizers import pre_tokenizers
+
+from finetune_jax.convert import gpt2 as convert_gpt2
+from finetune_jax.convert import hf_dir
+from finetune_jax.models import gpt2
+from finetune_jax.models import loading
+from finetune_jax.models import registry
+from finetune_jax.models import tokenization
+
+
+def check_num_classes(num_classes, source: str) -> None:
+  if num_classes is not None:
+    raise ValueError(
+        f'{source} is a causal LM: causal LMs keep their LM head, so num_classes '
+        f'must be None (got {num_classes!r}). Fine-tune it as a language model, or '
+        'use an encoder (e.g. BERT) for classification.')
+
+
+def _check_options(options: dict, source: str) -> None:
+  if options:
+    raise ValueError(f'{source}: GPT-2 takes no loader options, got {sorted(options)}.')
+
+
+def _pretrained(config, params, tokenizer) -> registry.Pretrained:
+  return registry.Pretrained(
+      module=gpt2.build(config), params=params, config=config, preprocess=None,
+      head='lm_head', blocks=gpt2.block_names(config), tokenizer=tokenizer)
+
+
+def load_random(path, *, variant, num_classes, dont_load, seed, image_size=None,
+                **options):
+  """Random init with the byte-level tokenizer (ids 0..255 bytes, 256 <|endoftext|>)."""
+  del path, image_size
+  source = f'gpt2-{variant} (random init)'
+  check_num_classes(num_classes, source)
+  _check_options(options, source)
+  config = gpt2.make_config(variant, bos_token_id=256, eos_token_id=256)
+  params = gpt2.init_params(gpt2.build(config), seed)
+  loading.check_dont_load(dont_load, list(loading.flat(params)), source='<random init>')
+  tokenizer = tokenization.byte_level_tokenizer()
+  tokenization.check_vocab(tokenizer, config['vocab_size'], source)
+  return _pretrained(config, params, tokenizer)
+
+
+def read_tokenizer(model_dir: str) -> tokenizers.Tokenizer | None:
+  """tokenizer.json, else vocab.json + merges.txt as GPT-2's byte-level BPE, else None."""
+  path = os.path.join(model_dir, 'tokenizer.json')
+  if os.path.exists(path):
+    try:
+      return tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+      raise hf_dir.CheckpointFileError(f'{path}: not a readable tokenizer ({e}).') from None
+  vocab, merges = (os.path.join(model_dir, f) for f in ('vocab.json', 'merges.txt'))
+  if not (os.path.exists(vocab) and os.path.exists(merges)):
+    return None
+  try:
+    bpe = tokenizer_models.BPE.from_file(vocab, merges)
+  except Exception as e:
+    raise hf_dir.CheckpointFileError(
+        f'{vocab} / {merges}: not a readable byte-level BPE vocabulary ({e}).') from None
+  tok = tokenizers.Tokenizer(bpe)
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  if tok.token_to_id('<|endoftext|>') is not None:
+    tok.add_special_tokens(['<|endoftext|>'])
+  return tok
+
+
+def load_hf_dir(path, *, num_classes, dont_load, seed, image_size=None, **options):
+  """A transformers GPT2LMHeadModel / GPT2Model dir (config.json + safetensors)."""
+  del image_size
+  check_num_classes(num_classes, path)
+  _check_options(options, path)
+  hf_config, tensors = hf_dir.read_hf_dir(path)
+  arch = convert_gpt2.hf_architecture(hf_config, source=path)
+  flat = convert_gpt2.hf_to_params(
+      tensors, tie_word_embeddings=arch['tie_word_embeddings'], source=path)
+  config = gpt2.make_config(None, **arch)
+  config['variant'] = next((name for name, dims in gpt2.VARIANTS.items()
+                            if all(config[k] == v for k, v in dims.items())
+                            and config['vocab_size'] == 50257), None)
+  init = gpt2.init_params(gpt2.build(config), seed)
+  params = loading.merge_pretrained(
+      init, traverse_util.unflatten_dict(flat, sep='/'), dont_load, source=path)
+  tokenizer = read_tokenizer(path)
+  if tokenizer is not None:
+    tokenization.check_vocab(tokenizer, config['vocab_size'], path)
+  return _pretrained(config, params, tokenizer)
+
+
+def _claims_hf_dir(path: str) -> bool:
+  return hf_dir.read_config(path).get('model_type') == 'gpt2'
+
+
+registry.register_alias(
+    'gpt2-tiny', functools.partial(load_random, variant='tiny'),
+    'GPT-2, tiny random init (2 layers, width 32, 4 heads, byte-level vocab 257, '
+    'context 256; tests)')
+registry.register_alias(
+    'gpt2-mini', functools.partial(load_random, variant='mini'),
+    'GPT-2, small random init to train from scratch (4 layers, width 256, '
+    'byte-level vocab 257, context 512; 3.3M params)')
+registry.register_alias(
+    'gpt2-small-random', functools.partial(load_random, variant='small'),
+    'GPT-2 small (124M params, context 1024), random init, byte-level tokenizer')
+registry.register_checkpoint_loader('gpt2', ['hf_dir'], _claims_hf_dir, load_hf_dir)

@@ -1,0 +1,157 @@
+"""From a dataset and a model to the batches a task trains on, one class per task.
+
+`open_dataset(config)` runs first and cheaply: it checks that the dataset is
+prepared and has the config's classes, before any model is loaded. After the
+model is loaded, `make(config, dataset, model)` gives a `Pipeline`: the train
+stream (batch k a pure function of (seed, k), so a resumed run sees what an
+uninterrupted one would), one eval pass, and `inputs`, which turns a batch
+into the model's positional arguments inside the compiled step.
+"""
+import dataclasses
+import functools
+import logging
+from typing import Callable, Iterator
+
+import numpy as np
+
+from finetune_jax import data
+
+
+@dataclasses.dataclass
+class Pipeline:
+  train: Callable[[int], Iterator[dict]]  # start_step -> infinite global batches
+  eval: Callable[[], Iterator[dict]]  # one padded pass with a 'mask'
+  inputs: Callable[[dict], tuple]  # batch -> model args, traced in the step
+  describe: str = ''
+
+
+def open_dataset(config) -> dict:
+  """The raw train and eval splits; fails before any expensive work."""
+  load = functools.partial(data.load_split, data_dir=config.data_dir,
+                           on_bad_image=config.folder_on_bad_image)
+  splits = {'train': load(config.dataset, 'train'),
+            'eval': load(config.dataset, config.eval_split)}
+  classes = splits['train'].num_classes
+  if config.task == 'causal_lm':
+    if 'text' not in splits['train'].source[0]:
+      raise ValueError(f'Dataset {config.dataset!r} has no text field for causal_lm.')
+  elif classes is not None and classes != config.num_classes:
+    raise ValueError(f'num_classes={config.num_classes} but dataset {config.dataset!r} '
+                     f'has {classes} classes; set --config.num_classes.')
+  return splits
+
+
+def make(config, splits: dict, model) -> Pipeline:
+  if config.task == 'image_classification':
+    return _images(config, splits, model)
+  return _text(config, model)
+
+
+# ------------------------------------------------------------------ images
+
+
+def make_image_transforms(config):
+  """(train, eval) per-example image transforms, run in the grain workers.
+
+  They decode, crop and resize to config.image_size on the host, so the device
+  gets uint8 squares (the model's preprocess then only normalises).
+  """
+  shared = dict(crop_ratio=config.eval_crop_ratio, to_rgb=True)
+  augment = config.augment
+  train_transform = data.make_image_transform(
+      config.image_size, train=True,
+      random_resized_crop=augment.random_resized_crop, flip=augment.flip,
+      scale=tuple(augment.scale), ratio=tuple(augment.ratio), **shared)
+  eval_transform = data.make_image_transform(config.image_size, train=False,
+                                             **shared)
+  return train_transform, eval_transform
+
+
+def needs_host_transform(split, config) -> bool:
+  """Whether images must be decoded, cropped or augmented on the host.
+
+  Stored arrays of one size with no augmentation and a plain resize go to the
+  device as they are (fewer bytes to copy) and `preprocess` resizes them there.
+  """
+  image = split.source[0]['image']
+  fixed_array = isinstance(image, np.ndarray) and image.dtype == np.uint8
+  augmented = config.augment.random_resized_crop or config.augment.flip
+  return not fixed_array or augmented or config.eval_crop_ratio != 1.0
+
+
+def _images(config, splits, model) -> Pipeline:
+  train_transform = eval_transform = None
+  if needs_host_transform(splits['train'], config):
+    train_transform, eval_transform = make_image_transforms(config)
+  preprocess = functools.partial(model.preprocess, image_size=config.image_size)
+  return Pipeline(
+      train=lambda start_step: data.train_batches(
+          splits['train'], batch_size=config.batch_size, seed=config.seed,
+          start_step=start_step, transform=train_transform,
+          worker_count=config.worker_count),
+      eval=lambda: data.eval_batches(splits['eval'], batch_size=config.eval_batch_size,
+                                     transform=eval_transform),
+      inputs=lambda batch: (preprocess(batch['image']),))
+
+
+# -------------------------------------------------------------------- text
+
+
+def _token_id(tokenizer, *candidates):
+  for token in candidates:
+    if token is not None and tokenizer.token_to_id(token) is not None:
+      return tokenizer.token_to_id(token)
+  return None
+
+
+def _text(config, model) -> Pipeline:
+  """Tokenized once into the data dir (per tokenizer), then bucketed or packed."""
+  tokenizer = model.tokenizer
+  if tokenizer is None:
+    raise ValueError(f'Model {config.pretrained!r} has no tokenizer; task '
+                     f'{config.task!r} needs one.')
+  text = config.text
+  context = model.config.get('max_position_embeddings')
+  if context is not None and text.max_length > context:
+    raise ValueError(f'text.max_length={text.max_length} exceeds the context of '
+                     f'{config.pretrained!r} ({context} positions); set '
+                     f'--config.text.max_length={context} or less.')
+  load = functools.partial(data.load_text_split, tokenizer=tokenizer,
+                           data_dir=config.data_dir)
+  train_split, eval_split = load(config.dataset, 'train'), load(config.dataset, config.eval_split)
+  inputs = lambda batch: (batch['input_ids'], batch['attention_mask'])
+  if config.task == 'causal_lm':
+    # Packing cuts the token stream into rows of max_length: a long document
+    # continues in the next row, so no text is too long here.
+    eos = model.config.get('eos_token_id')
+    if eos is None:
+      raise ValueError(f'{config.pretrained!r} names no eos_token_id; packing '
+                       'needs one to separate documents.')
+    pad = model.config.get('pad_token_id')
+    pad = eos if pad is None else pad
+    shared = dict(seq_len=text.max_length, eos_id=eos, pad_id=pad)
+    return Pipeline(
+        train=lambda start_step: data.packed_lm_batches(
+            train_split, batch_size=config.batch_size, seed=config.seed,
+            start_step=start_step, **shared),
+        eval=lambda: data.packed_lm_eval_batches(
+            eval_split, batch_size=config.eval_batch_size, **shared),
+        inputs=inputs, describe=f'packed rows of {text.max_length} tokens')
+  for name, split in (('train', train_split), (config.eval_split, eval_split)):
+    truncated = data.check_lengths(split, text.max_length, text.truncate,
+                                   what=f'{config.dataset}[{name}]')
+    if truncated:
+      logging.info('%s[%s]: %d of %d texts truncated to %d tokens (text.truncate).',
+                   config.dataset, name, truncated, split.num_examples, text.max_length)
+  pad = model.config.get('pad_token_id')
+  pad = _token_id(tokenizer, '[PAD]', '<pad>') if pad is None else pad
+  pad = 0 if pad is None else pad  # masked out either way
+  buckets = tuple(text.buckets) or data.bucket_lengths(text.max_length)
+  shared = dict(max_length=text.max_length, buckets=buckets, pad_id=pad)
+  return Pipeline(
+      train=lambda start_step: data.text_batches(
+          train_split, batch_size=config.batch_size, seed=config.seed,
+          start_step=start_step, truncate=text.truncate, **shared),
+      eval=lambda: data.text_eval_batches(eval_split, batch_size=config.eval_batch_size,
+                                          sort_by_length=True, **shared),
+      inputs=inputs, describe=f'padded to buckets {list(buckets)}')
