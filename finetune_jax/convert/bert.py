@@ -19,6 +19,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
+from finetune_jax.convert import mapping
 from finetune_jax.models import bert
 
 # (HF module, our module, layout); '{i}' is the layer index.
@@ -47,47 +48,28 @@ _LEAVES = {
 _BUFFERS = ('embeddings.position_ids', 'embeddings.token_type_ids')
 _PRETRAINING_HEADS = ('cls.predictions.', 'cls.seq_relationship.')
 PREFIX = 'bert.'
-
-
-def _regex(template: str) -> re.Pattern:
-  module = re.escape(template).replace(r'\{i\}', r'(?P<i>\d+)')
-  return re.compile(rf'^{module}\.(?P<leaf>[A-Za-z_]+)$')
-
-
-_RE = [(_regex(t), o, layout) for t, o, layout in _MODULES]
+_TEMPLATES = mapping.Templates(_MODULES, _LEAVES)
 
 
 def hf_to_params(tensors: dict[str, np.ndarray], source: str = '<HF checkpoint>') -> dict:
   """Our flat {path: array} from the tensors of a transformers BERT checkpoint."""
-  flat, origin, unmapped = {}, {}, []
+  params = mapping.ParamCollector(
+      source, 'BERT', 'Is this a transformers BertModel / BertForSequenceClassification '
+      'checkpoint (absolute position embeddings, no adapters)?',
+      mixed='keys with and without the "bert." prefix are mixed')
   for key, value in tensors.items():
     name = key[len(PREFIX):] if key.startswith(PREFIX) else key
     if name in _BUFFERS or key.startswith(_PRETRAINING_HEADS):
       continue
-    value = np.asarray(value)
-    for regex, module, layout in _RE:
-      m = regex.match(name)
-      if m and m['leaf'] in _LEAVES[layout]:
-        module = module.format(i=m['i']) if '{i}' in module else module
-        ours = f'{module}/{_LEAVES[layout][m["leaf"]]}'
-        if layout == 'linear' and m['leaf'] == 'weight':
-          if value.ndim != 2:
-            raise ValueError(f'{source}: {key} has shape {value.shape}; a Linear weight is 2-D.')
-          value = value.T
-        break
-    else:
-      unmapped.append(key)
+    mapped = _TEMPLATES.match(name)
+    if mapped is None:
+      params.unmapped(key)
       continue
-    if ours in flat:
-      raise ValueError(f'{source}: {key!r} and {origin[ours]!r} both map to {ours!r}; '
-                       'keys with and without the "bert." prefix are mixed.')
-    flat[ours], origin[ours] = np.ascontiguousarray(value), key
-  if unmapped:
-    raise ValueError(
-        f'{source}: {len(unmapped)} tensors have no BERT parameter: {unmapped[:20]}. '
-        'Is this a transformers BertModel / BertForSequenceClassification checkpoint '
-        '(absolute position embeddings, no adapters)?')
-  return flat
+    ours, layout, leaf = mapped
+    if layout == 'linear' and leaf == 'weight':
+      value = params.transposed(key, value)
+    params.add(ours, key, value)
+  return params.result()
 
 
 def params_to_hf(params: dict, prefix: str = PREFIX) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
+from finetune_jax.convert import mapping
 from finetune_jax.models import efficientnet_lite
 
 # (torch module, our module, layout); '{i}' is the block index.
@@ -38,15 +39,8 @@ _LEAVES = {
            'running_var': 'var'},
 }
 _IGNORED = re.compile(r'(^|\.)num_batches_tracked$')
-
-
-def _template_regex(template: str, sep: str) -> re.Pattern:
-  module = re.escape(template).replace(r'\{i\}', r'(?P<i>\d+)')
-  return re.compile(rf'^{module}{re.escape(sep)}(?P<leaf>[a-z_]+)$')
-
-
-_TORCH_RE = [(_template_regex(t, '.'), o, layout) for t, o, layout in _MODULES]
-_OURS_RE = [(_template_regex(o, '/'), t, layout) for t, o, layout in _MODULES]
+_TEMPLATES = mapping.Templates(_MODULES, _LEAVES)
+_OURS_RE = [(mapping.template_regex(o, '/'), t, layout) for t, o, layout in _MODULES]
 
 
 def _to_ours(value: np.ndarray, layout: str, leaf: str, key: str) -> np.ndarray:
@@ -75,26 +69,19 @@ def _to_torch(value: np.ndarray, layout: str, leaf: str) -> np.ndarray:
 
 def torch_to_params(state_dict: dict[str, np.ndarray]) -> dict:
   """Our nested param tree (numpy arrays) from a torch state dict."""
-  flat, unmapped = {}, []
+  params = mapping.ParamCollector(
+      '<state dict>', 'EfficientNet-Lite',
+      'Is this an efficientnet-lite-pytorch checkpoint?', noun='keys')
   for key, value in state_dict.items():
     if _IGNORED.search(key):
       continue
-    for regex, ours, layout in _TORCH_RE:
-      m = regex.match(key)
-      if m and m['leaf'] in _LEAVES[layout]:
-        module = ours.format(i=m['i']) if '{i}' in ours else ours
-        leaf = _LEAVES[layout][m['leaf']]
-        flat[f'{module}/{leaf}'] = np.ascontiguousarray(
-            _to_ours(np.asarray(value), layout, m['leaf'], key))
-        break
-    else:
-      unmapped.append(key)
-  if unmapped:
-    raise ValueError(
-        f'{len(unmapped)} keys of the state dict have no EfficientNet-Lite '
-        f'parameter: {unmapped[:20]}. Is this an efficientnet-lite-pytorch '
-        f'checkpoint?')
-  return traverse_util.unflatten_dict(flat, sep='/')
+    mapped = _TEMPLATES.match(key)
+    if mapped is None:
+      params.unmapped(key)
+      continue
+    ours, layout, leaf = mapped
+    params.add(ours, key, _to_ours(np.asarray(value), layout, leaf, key))
+  return traverse_util.unflatten_dict(params.result(), sep='/')
 
 
 def params_to_torch(params: dict) -> dict[str, np.ndarray]:

@@ -15,6 +15,8 @@ import re
 import numpy as np
 from flax import traverse_util
 
+from finetune_jax.convert import mapping
+
 _PREFIX = 'transformer.'
 _MODULES = (  # (HF module, ours, layout)
     ('wte', 'wte', 'embed'),
@@ -33,14 +35,7 @@ _LEAVES = {
     'conv1d': {'weight': 'kernel', 'bias': 'bias'},
 }
 _BUFFER = re.compile(r'^h\.\d+\.attn\.(bias|masked_bias)$')
-
-
-def _regex(template: str) -> re.Pattern:
-  module = re.escape(template).replace(r'\{i\}', r'(?P<i>\d+)')
-  return re.compile(rf'^{module}\.(?P<leaf>\w+)$')
-
-
-_RE = [(_regex(t), ours, layout) for t, ours, layout in _MODULES]
+_TEMPLATES = mapping.Templates(_MODULES, _LEAVES)
 
 
 def hf_to_params(tensors: dict, *, tie_word_embeddings: bool = True,
@@ -50,40 +45,25 @@ def hf_to_params(tensors: dict, *, tie_word_embeddings: bool = True,
   A tied model's checkpoint may still carry 'lm_head.weight' (a copy of the
   token embedding); it is dropped if it is that copy, an error otherwise.
   """
-  flat, origin, unmapped = {}, {}, []
+  params = mapping.ParamCollector(
+      source, 'GPT-2', 'Is this a transformers GPT2LMHeadModel / GPT2Model checkpoint?',
+      mixed='keys with and without the "transformer." prefix are mixed')
   lm_head = None
   for key, value in tensors.items():
     name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-    value = np.asarray(value)
     if _BUFFER.match(name):
       continue  # HF's causal-mask buffers (non-persistent in new versions)
     if name == 'lm_head.weight':
-      lm_head = value
+      lm_head = np.asarray(value)
       continue
-    for regex, module, layout in _RE:
-      m = regex.match(name)
-      if m and m['leaf'] in _LEAVES[layout]:
-        ours = f'{module.format(i=m["i"]) if "{i}" in module else module}/{_LEAVES[layout][m["leaf"]]}'
-        break
+    mapped = _TEMPLATES.match(name)
+    if mapped is None:
+      params.unmapped(key)
     else:
-      unmapped.append(key)
-      continue
-    if ours in flat:
-      raise ValueError(f'{source}: {key!r} and {origin[ours]!r} both map to {ours!r}; '
-                       'keys with and without the "transformer." prefix are mixed.')
-    flat[ours], origin[ours] = np.ascontiguousarray(value), key
-  if unmapped:
-    raise ValueError(
-        f'{source}: {len(unmapped)} tensors have no GPT-2 parameter: {unmapped[:20]}. '
-        'Is this a transformers GPT2LMHeadModel / GPT2Model checkpoint?')
-  if lm_head is not None:
-    if not tie_word_embeddings:
-      flat['lm_head/kernel'] = np.ascontiguousarray(lm_head.T)
-    elif not np.array_equal(lm_head, flat.get('wte/embedding')):
-      raise ValueError(
-          f'{source}: config.json ties the LM head to the token embedding '
-          '(tie_word_embeddings), but lm_head.weight differs from wte.weight. '
-          'Set "tie_word_embeddings": false in config.json to load the separate head.')
+      params.add(mapped[0], key, value)
+  flat = params.result()
+  mapping.add_lm_head(flat, lm_head, tied=tie_word_embeddings, embedding='wte/embedding',
+                      embedding_key='wte.weight', source=source)
   return flat
 
 

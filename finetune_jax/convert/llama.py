@@ -19,6 +19,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
+from finetune_jax.convert import mapping
 from finetune_jax.models import llama
 
 _LAYER = {
@@ -44,7 +45,10 @@ def hf_to_params(tensors: dict, config: dict, source: str = '<HF checkpoint>') -
     to the embedding table (some exporters write both) is dropped, a
     different one is an error.
   """
-  flat, origin, unmapped = {}, {}, []
+  params = mapping.ParamCollector(
+      source, 'Llama', 'Is this a transformers LlamaForCausalLM (or Mistral / Qwen2) '
+      'checkpoint? Add a dont_load pattern only for tensors the model truly lacks.',
+      mixed='keys with and without the "model." prefix are mixed')
   lm_head = None
   for key, value in tensors.items():
     value = np.asarray(value)
@@ -61,29 +65,15 @@ def hf_to_params(tensors: dict, config: dict, source: str = '<HF checkpoint>') -
     elif m and m[2] in _LAYER:
       ours = f'layers_{m[1]}/{_LAYER[m[2]]}'
     else:
-      unmapped.append(key)
+      params.unmapped(key)
       continue
     if ours.endswith('/kernel'):
-      if value.ndim != 2:
-        raise ValueError(f'{source}: {key} has shape {value.shape}, not a Linear weight.')
-      value = value.T
-    if ours in flat:
-      raise ValueError(f'{source}: {key!r} and {origin[ours]!r} both map to {ours!r}; '
-                       'keys with and without the "model." prefix are mixed.')
-    flat[ours], origin[ours] = np.ascontiguousarray(value), key
-  if unmapped:
-    raise ValueError(
-        f'{source}: {len(unmapped)} tensors have no Llama parameter: {unmapped[:20]}. '
-        'Is this a transformers LlamaForCausalLM (or Mistral / Qwen2) checkpoint? '
-        'Add a dont_load pattern only for tensors the model truly lacks.')
-  if lm_head is not None:
-    if not config['tie_word_embeddings']:
-      flat['lm_head/kernel'] = np.ascontiguousarray(lm_head.T)
-    elif not np.array_equal(lm_head, flat.get('embed_tokens/embedding')):
-      raise ValueError(
-          f'{source}: the config ties the embeddings (tie_word_embeddings=true) but '
-          'lm_head.weight differs from model.embed_tokens.weight. Set '
-          'tie_word_embeddings=false in config.json if the head is separate.')
+      value = params.transposed(key, value)
+    params.add(ours, key, value)
+  flat = params.result()
+  mapping.add_lm_head(flat, lm_head, tied=config['tie_word_embeddings'],
+                      embedding='embed_tokens/embedding',
+                      embedding_key='model.embed_tokens.weight', source=source)
   return flat
 
 

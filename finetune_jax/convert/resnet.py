@@ -29,6 +29,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
+from finetune_jax.convert import mapping
 from finetune_jax.models import resnet
 
 _BN = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
@@ -115,27 +116,20 @@ def to_params(tensors: dict[str, np.ndarray], layout: str,
   `strip_hf_prefix`) or 'keras' ('<layer>/<weight>' keys).
   """
   _refuse_unsupported_variants(tensors, layout, source)
-  flat, unmapped = {}, []
+  params = mapping.ParamCollector(source, 'ResNet', f'Is this {_NAMES[layout]} checkpoint?',
+                                  noun='keys')
   for key, value in tensors.items():
     if _IGNORED.search(key):
       continue
     mapped = rename(key, layout)
     if mapped is None:
-      unmapped.append(key)
+      params.unmapped(key)
       continue
     path, perm = mapped
-    value = np.asarray(value)
     if perm is not None:
-      if value.ndim != len(perm):
-        raise ValueError(f'{source}: {key} has shape {value.shape}, not a '
-                         f'{len(perm)}-d weight.')
-      value = value.transpose(perm)
-    flat[path] = np.ascontiguousarray(value)
-  if unmapped:
-    raise ValueError(
-        f'{source}: {len(unmapped)} keys have no ResNet parameter: {unmapped[:20]}. '
-        f'Is this {_NAMES[layout]} checkpoint?')
-  return traverse_util.unflatten_dict(flat, sep='/')
+      value = params.transposed(key, value, perm, f'{len(perm)}-d weight')
+    params.add(path, key, value)
+  return traverse_util.unflatten_dict(params.result(), sep='/')
 
 
 _UNSUPPORTED = {

@@ -30,6 +30,7 @@ import zlib
 import numpy as np
 from flax import traverse_util
 
+from finetune_jax.convert import mapping
 from finetune_jax.convert.hf_dir import CheckpointFileError
 from finetune_jax.models import vit
 
@@ -56,53 +57,30 @@ _HF_LEAVES = {
     'linear': {'weight': 'kernel', 'bias': 'bias'},
     'norm': {'weight': 'scale', 'bias': 'bias'},
 }
-
-
-def _template_regex(template: str, sep: str) -> re.Pattern:
-  module = re.escape(template).replace(r'\{i\}', r'(?P<i>\d+)')
-  return re.compile(rf'^{module}{re.escape(sep)}(?P<leaf>[a-z_]+)$')
-
-
-_HF_RE = [(_template_regex(t, '.'), o, layout) for t, o, layout in _HF_MODULES]
-
-
-def _hf_value(value: np.ndarray, layout: str, leaf: str, key: str) -> np.ndarray:
-  if leaf != 'weight' or layout == 'norm':
-    return value
-  expected_ndim = 4 if layout == 'conv' else 2
-  if value.ndim != expected_ndim:
-    raise ValueError(f'{key}: shape {value.shape} is not a {layout} weight.')
-  return value.transpose(2, 3, 1, 0) if layout == 'conv' else value.T
+_HF_TEMPLATES = mapping.Templates(_HF_MODULES, _HF_LEAVES)
+# Weight layouts that differ from ours: (axes to ours, what a wrong rank is called).
+_HF_WEIGHTS = {'conv': ((2, 3, 1, 0), 'conv weight'), 'linear': ((1, 0), 'linear weight')}
 
 
 def hf_to_params(tensors: dict[str, np.ndarray], source: str = '<HF checkpoint>') -> dict:
   """Our flat {path: array} from the tensors of a transformers ViT checkpoint."""
-  flat, unmapped = {}, []
+  params = mapping.ParamCollector(
+      source, 'ViT', 'Is this a transformers ViTModel / ViTForImageClassification checkpoint?',
+      mixed='keys with and without the "vit." prefix are mixed')
   for key, value in tensors.items():
     name = key[len('vit.'):] if key.startswith('vit.') else key
-    value = np.asarray(value)
     if name in _HF_PARAMS:
-      ours = _HF_PARAMS[name]
-    else:
-      for regex, module, layout in _HF_RE:
-        m = regex.match(name)
-        if m and m['leaf'] in _HF_LEAVES[layout]:
-          module = module.format(i=m['i']) if '{i}' in module else module
-          ours = f'{module}/{_HF_LEAVES[layout][m["leaf"]]}'
-          value = _hf_value(value, layout, m['leaf'], key)
-          break
-      else:
-        unmapped.append(key)
-        continue
-    if ours in flat:
-      raise ValueError(f'{source}: two tensors map to {ours!r} (one is {key!r}); '
-                       'keys with and without the "vit." prefix are mixed.')
-    flat[ours] = np.ascontiguousarray(value)
-  if unmapped:
-    raise ValueError(
-        f'{source}: {len(unmapped)} tensors have no ViT parameter: {unmapped[:20]}. '
-        'Is this a transformers ViTModel / ViTForImageClassification checkpoint?')
-  return flat
+      params.add(_HF_PARAMS[name], key, value)
+      continue
+    mapped = _HF_TEMPLATES.match(name)
+    if mapped is None:
+      params.unmapped(key)
+      continue
+    ours, layout, leaf = mapped
+    if leaf == 'weight' and layout in _HF_WEIGHTS:
+      value = params.transposed(key, value, *_HF_WEIGHTS[layout])
+    params.add(ours, key, value)
+  return params.result()
 
 
 def hf_architecture(hf_config: dict, source: str = '<config.json>') -> dict:
@@ -168,7 +146,7 @@ _NPZ_POSEMB = ('Transformer/posembed_input/pos_embedding',  # vit_jax
                'pos_embedding',  # big_vision
                'Transformer/pos_embedding')  # big_vision before 2022
 NPZ_LAYOUTS = ('vit_jax', 'big_vision')
-_FLAX_LEAVES = ('kernel', 'bias', 'scale')
+_FLAX_LEAVES = {leaf: leaf for leaf in ('kernel', 'bias', 'scale')}
 
 
 def _npz_module_map() -> dict[str, tuple[str, str]]:
@@ -183,7 +161,9 @@ def _npz_module_map() -> dict[str, tuple[str, str]]:
   return table
 
 
-_NPZ_RE = [(_template_regex(t, '/'), o, layout) for t, (o, layout) in _npz_module_map().items()]
+_NPZ_TEMPLATES = mapping.Templates(
+    [(t, *row) for t, row in _npz_module_map().items()],
+    dict.fromkeys(('same', 'heads_in', 'heads_out'), _FLAX_LEAVES), sep='/')
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
@@ -249,29 +229,20 @@ def npz_to_params(arrays: dict[str, np.ndarray], source: str = '<npz>') -> dict:
     raise ValueError(f'{source} pools with a MAP head (big_vision pool_type="map"); '
                      'only the class token ("tok") and "gap" pooling are supported.')
   arrays = _unstack_scanned(arrays, source)
-  flat, origin, unmapped = {}, {}, []
+  params = mapping.ParamCollector(
+      source, 'ViT', 'Is this a vit_jax / big_vision ViT checkpoint?', noun='arrays',
+      mixed='the file mixes vit_jax and big_vision names')
   for key, value in arrays.items():
-    value = np.asarray(value)
     if key == 'cls' or key in _NPZ_POSEMB:
-      ours = 'cls' if key == 'cls' else 'pos_embedding'
-    else:
-      for regex, module, layout in _NPZ_RE:
-        m = regex.match(key)
-        if m and m['leaf'] in _FLAX_LEAVES:
-          ours = f'{module.format(i=m["i"]) if "{i}" in module else module}/{m["leaf"]}'
-          value = _npz_value(value, layout, m['leaf'], key)
-          break
-      else:
-        unmapped.append(key)
-        continue
-    if ours in flat:
-      raise ValueError(f'{source}: {key!r} and {origin[ours]!r} both map to {ours!r}; '
-                       'the file mixes vit_jax and big_vision names.')
-    flat[ours], origin[ours] = np.ascontiguousarray(value), key
-  if unmapped:
-    raise ValueError(
-        f'{source}: {len(unmapped)} arrays have no ViT parameter: {unmapped[:20]}. '
-        'Is this a vit_jax / big_vision ViT checkpoint?')
+      params.add('cls' if key == 'cls' else 'pos_embedding', key, value)
+      continue
+    mapped = _NPZ_TEMPLATES.match(key)
+    if mapped is None:
+      params.unmapped(key)
+      continue
+    ours, layout, leaf = mapped
+    params.add(ours, key, _npz_value(np.asarray(value), layout, leaf, key))
+  flat = params.result()
   if 'pos_embedding' not in flat:
     raise ValueError(f'{source} has no position embeddings (big_vision '
                      'posemb="sincos2d"?); only learned ones are supported.')

@@ -1,0 +1,106 @@
+"""Key-by-key bookkeeping shared by the checkpoint converters.
+
+Each converter knows its own names; what they share is here: module
+templates with a layer index, rank-checked transposes, the tied-LM-head check
+and a collector that refuses a weight landing on a filled path or mapping to
+nothing, so a wrong checkpoint fails by name instead of loading as a model
+with lost weights.
+"""
+import re
+from collections.abc import Iterable
+
+import numpy as np
+
+
+def template_regex(template: str, sep: str = '.') -> re.Pattern:
+  """Matches '<template><sep><leaf>'; '{i}' in the template is a layer index."""
+  module = re.escape(template).replace(r'\{i\}', r'(?P<i>\d+)')
+  return re.compile(rf'^{module}{re.escape(sep)}(?P<leaf>[a-z_]+)$')
+
+
+def add_lm_head(flat: dict, weight, *, tied: bool, embedding: str, embedding_key: str,
+                source: str) -> None:
+  """A separate LM head (V, D) becomes lm_head/kernel (D, V); a tied one is dropped.
+
+  Some exporters write a tied head too; only an exact copy of the embedding
+  may be dropped, anything else would silently lose the trained head.
+  """
+  if weight is None:
+    return
+  if not tied:
+    flat['lm_head/kernel'] = np.ascontiguousarray(weight.T)
+  elif not np.array_equal(weight, flat.get(embedding)):
+    raise ValueError(
+        f'{source}: the config ties the LM head to the token embedding '
+        f'(tie_word_embeddings=true), but lm_head.weight differs from {embedding_key}. '
+        'Set "tie_word_embeddings": false in config.json to load the separate head.')
+
+
+class Templates:
+  """Checkpoint names -> our paths by (their module, our module, layout) rows.
+
+  leaves: per layout, their leaf name -> ours; a leaf not listed does not
+  match, so such a key ends up unmapped.
+  """
+
+  def __init__(self, modules: Iterable[tuple[str, str, str]],
+               leaves: dict[str, dict[str, str]], sep: str = '.'):
+    self._rules = [(template_regex(t, sep), ours, layout) for t, ours, layout in modules]
+    self._leaves = leaves
+
+  def match(self, name: str) -> tuple[str, str, str] | None:
+    """(our path, layout, their leaf) of `name`; None when no row takes it."""
+    for regex, module, layout in self._rules:
+      m = regex.match(name)
+      if m and m['leaf'] in self._leaves[layout]:
+        return (f'{module.format(**m.groupdict())}/{self._leaves[layout][m["leaf"]]}',
+                layout, m['leaf'])
+    return None
+
+
+class ParamCollector:
+  """Our flat {path: array}, filled key by key from one checkpoint.
+
+  A path filled twice fails at once (two namings mixed in one file); keys
+  that map to nothing fail together in `result`, listed with `hint`.
+
+  Args:
+    source: the file (or a stand-in) named by every error.
+    family: the model family, as in '... have no BERT parameter'.
+    hint: the question that follows the list of unmapped keys.
+    noun: what the checkpoint holds: 'tensors', 'arrays', 'keys'.
+    mixed: why two keys can meet on one path, for that error.
+  """
+
+  def __init__(self, source: str, family: str, hint: str, *, noun: str = 'tensors',
+               mixed: str = 'the checkpoint mixes two namings'):
+    self.source, self.family, self.hint, self.noun, self.mixed = (
+        source, family, hint, noun, mixed)
+    self._flat, self._origin, self._unmapped = {}, {}, []
+
+  def add(self, ours: str, key: str, value) -> None:
+    """Stores `value` (C-contiguous) at our path `ours`, read from `key`."""
+    if ours in self._flat:
+      raise ValueError(f'{self.source}: {key!r} and {self._origin[ours]!r} both map to '
+                       f'{ours!r}; {self.mixed}.')
+    self._flat[ours], self._origin[ours] = np.ascontiguousarray(value), key
+
+  def unmapped(self, key: str) -> None:
+    """Notes a key with no parameter; `result` reports all of them at once."""
+    self._unmapped.append(key)
+
+  def transposed(self, key: str, value, axes: tuple[int, ...] = (1, 0),
+                 what: str = 'Linear weight') -> np.ndarray:
+    """value.transpose(axes), refusing another rank by key: torch (out, in) -> (in, out)."""
+    value = np.asarray(value)
+    if value.ndim != len(axes):
+      raise ValueError(f'{self.source}: {key} has shape {value.shape}, not a {what}.')
+    return value.transpose(axes)
+
+  def result(self) -> dict[str, np.ndarray]:
+    """The flat params; raises listing the first 20 unmapped keys, if any."""
+    if self._unmapped:
+      raise ValueError(
+          f'{self.source}: {len(self._unmapped)} {self.noun} have no {self.family} '
+          f'parameter: {self._unmapped[:20]}. {self.hint}')
+    return self._flat
