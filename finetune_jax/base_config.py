@@ -42,9 +42,17 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Method: which params train.
   c.peft = ml_collections.ConfigDict()
-  c.peft.method = 'full'  # full | linear_probe | bitfit | partial.
+  c.peft.method = 'full'  # full | linear_probe | bitfit | partial | lora | dora.
   c.peft.num_frozen_blocks = 0  # partial: freeze the first N of the model's `blocks` (README).
   c.peft.freeze = ()  # partial: more regexes over param paths to freeze.
+  c.peft.lora = ml_collections.ConfigDict()  # lora and dora.
+  c.peft.lora.rank = 8  # r of each update A (in, r) B (r, out).
+  c.peft.lora.alpha = 16.0  # The update is scaled by alpha / r (alpha / sqrt(r) with rslora).
+  c.peft.lora.dropout = 0.0  # Dropout on the adapted layers' inputs, on the LoRA path only.
+  c.peft.lora.targets = ()  # Regexes re.search-ed over module paths ('layer_0/attention/self/query'); (): the family's default (README).
+  c.peft.lora.rslora = False  # rsLoRA: scale by alpha / sqrt(r), so higher ranks keep learning.
+  c.peft.lora.init = 'kaiming'  # A's init: 'kaiming' (uniform, HF PEFT's default) or 'gaussian' (std 1/r); B starts at zero.
+  c.peft.lora.rank_overrides = ()  # ((regex, rank), ...): the first pattern that matches a target sets its rank.
 
   # Optimisation.
   c.total_steps = 1000

@@ -26,13 +26,18 @@ def schedule(config, peak: float) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [config.warmup_steps])
 
 
-def decay_mask(params):
-  """Weight decay on Dense/Conv kernels only, as big_vision does.
+# Matrices that weight decay acts on: Dense/Conv kernels and LoRA factors.
+DECAYED = ('kernel', 'lora_a', 'lora_b')
 
-  Biases, norm scales, class tokens and position embeddings are not decayed.
+
+def decay_mask(params):
+  """Weight decay on kernels (and LoRA's factors) only, as big_vision does.
+
+  Biases, norm scales, class tokens, position embeddings and DoRA magnitudes
+  are not decayed.
   """
   flat = paths.flatten(params)
-  return paths.unflatten({k: k.rsplit('/', 1)[-1] == 'kernel' for k in flat})
+  return paths.unflatten({k: k.rsplit('/', 1)[-1] in DECAYED for k in flat})
 
 
 def _base_optimizer(config, lr: optax.Schedule) -> optax.GradientTransformation:

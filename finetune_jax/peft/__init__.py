@@ -2,6 +2,7 @@
 from finetune_jax.peft import bitfit
 from finetune_jax.peft import full
 from finetune_jax.peft import linear_probe
+from finetune_jax.peft import lora
 from finetune_jax.peft import partial
 from finetune_jax.peft.base import Adapted
 
@@ -10,6 +11,8 @@ METHODS = {
     'linear_probe': linear_probe.adapt,
     'bitfit': bitfit.adapt,
     'partial': partial.adapt,
+    'lora': lora.adapt,
+    'dora': lora.adapt_dora,
 }
 
 

@@ -1,0 +1,66 @@
+"""Runs a zoo model with some layer calls rewritten, its source untouched.
+
+LoRA and DoRA (and later IA3 or adapters) change what chosen nn.Dense and
+nn.Conv calls return. Rather than editing each model, `Intercepted.apply` runs
+the base module inside `flax.linen.intercept_methods`: a hook sees every
+layer call together with its bound module, so new params can live next to the
+kernel they change ('<module>/lora_a') and the param tree keeps the model's
+own layout. The object duck-types linen's `apply`, the only thing the trainer
+and the sampler call; it is a frozen dataclass so that it hashes, as
+`jax.jit(..., static_argnames='module')` in sampling.py needs.
+"""
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One `__call__` of a bound module, as a hook sees it."""
+  module: nn.Module  # bound: has_variable, get_variable and make_rng work
+  next_fun: Callable  # the original call: next_fun(*args, **kwargs)
+  args: tuple
+  kwargs: dict
+  train: bool  # the `train` argument of the outer apply (False when absent)
+
+  def run(self):
+    """The original call. Once only: a compact layer cannot run twice here."""
+    return self.next_fun(*self.args, **self.kwargs)
+
+  @property
+  def inputs(self):
+    return self.args[0] if self.args else self.kwargs['inputs']
+
+  @property
+  def path(self) -> str:
+    return '/'.join(self.module.path)
+
+
+Hook = Callable[[Call], Any]  # must hash and compare by value (a frozen dataclass)
+
+
+@dataclasses.dataclass(frozen=True)
+class Intercepted:
+  """`base` with every module `__call__` routed through `hook`."""
+  base: nn.Module
+  hook: Hook
+
+  def apply(self, variables, *args, **kwargs):
+    # Train mode is read here, where the caller states it, and closed over:
+    # inside a layer nothing says whether dropout is on.
+    train = bool(kwargs.get('train', False))
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+      if context.method_name != '__call__':
+        return next_fun(*call_args, **call_kwargs)
+      return self.hook(Call(context.module, next_fun, call_args, call_kwargs, train))
+
+    with nn.intercept_methods(interceptor):
+      return self.base.apply(variables, *args, **kwargs)
+
+  def __getattr__(self, name):
+    # Attributes such as `num_classes` read through to the base module.
+    if name.startswith('__') or name in ('base', 'hook'):
+      raise AttributeError(name)
+    return getattr(self.base, name)

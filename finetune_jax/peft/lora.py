@@ -1,0 +1,392 @@
+"""LoRA (Hu et al., 2021) and DoRA (Liu et al., 2024) on any zoo model.
+
+`peft.lora.targets` are regexes, re.search'ed over *module paths*: a param
+path without its leaf, such as 'layer_0/attention/self/query'. Every matched
+nn.Dense or nn.Conv gets, next to its kernel W (in, out) or (kh, kw, in, out):
+
+  lora_a          (in, r) or (kh, kw, in, r)  kaiming-uniform or gaussian
+  lora_b          (r, out)                    zeros, so training starts at the base model
+  lora_magnitude  (out,)                      DoRA only: the column norms of W
+
+and computes, through `intercept` (the model files are not edited),
+
+  LoRA: y = x W + b + s (x A) B
+  DoRA: y = m / ||W + s A B|| * (x W + s (x A) B) + b   (the norm is a constant)
+
+with s = alpha / r (alpha / sqrt(r) with rsLoRA). For a conv, x A is a conv
+with A's kernel size, stride and padding and B a 1x1 conv, as HF PEFT does.
+The update is never formed as a full-size matrix while training: x A and
+(x A) B are all the gradients see, and DoRA's norm is expanded in A and B.
+`merge` folds the updates into the kernels for inference and export;
+`unmerge` takes them out again.
+
+Only the LoRA params train, plus a classifier head (a task head is new and
+must train; a language model's own head stays frozen, as in HF PEFT).
+"""
+import dataclasses
+import math
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from finetune_jax.models import host_init
+from finetune_jax.peft import base
+from finetune_jax.peft import intercept
+from finetune_jax.peft import paths
+
+A, B, MAGNITUDE = 'lora_a', 'lora_b', 'lora_magnitude'
+LEAVES = (A, B, MAGNITUDE)
+INITS = ('kaiming', 'gaussian')
+SEED = 0  # lora_a's draw; per leaf, so adding a target leaves the others as they were
+
+# `peft.lora.targets=()` means these, by `model.config['model']`: the
+# attention query and value projections of the transformers (HF PEFT's
+# defaults) and the convolutions inside the CNNs' blocks.
+DEFAULT_TARGETS = {
+    'bert': (r'attention/self/(query|value)$',),
+    'vit': (r'attention/(query|value)$',),
+    'gpt2': (r'attn/c_attn$',),
+    'llama': (r'self_attn/(q|v)_proj$',),
+    'resnet': (r'_block\d+/conv\d$',),
+    'efficientnet_lite': (r'(expand|project)_conv$',),
+    'vgg': (r'^block\d+_conv\d+$',),
+}
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def scaling(alpha: float, rank: int, rslora: bool) -> float:
+  """s in x W + s (x A) B: alpha / r, or rsLoRA's alpha / sqrt(r)."""
+  return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def delta(a, b):
+  """A B in the kernel's layout: (..., in, r) x (r, out) -> (..., in, out)."""
+  return jnp.einsum('...r,ro->...o', jnp.asarray(a, jnp.float32),
+                    jnp.asarray(b, jnp.float32), precision=_HIGHEST)
+
+
+def column_norm(kernel):
+  """||W|| per output feature: over every axis but the last (PEFT's dim=1 of (out, in))."""
+  w = jnp.asarray(kernel, jnp.float32)
+  return jnp.sqrt(jnp.sum(w * w, axis=tuple(range(w.ndim - 1))))
+
+
+def factored_norm(kernel, a, b, s):
+  """column_norm(W + s A B) without forming A B or any (in, out) array but W.
+
+  ||w + s A b||^2 = ||w||^2 + 2 s b.(A^T w) + s^2 b.(A^T A) b, per column.
+  """
+  w = jnp.asarray(kernel, jnp.float32).reshape(-1, kernel.shape[-1])
+  a = jnp.asarray(a, jnp.float32).reshape(-1, a.shape[-1])
+  b = jnp.asarray(b, jnp.float32)
+  at_w = jnp.dot(a.T, w, precision=_HIGHEST)  # (r, out)
+  gram = jnp.dot(a.T, a, precision=_HIGHEST)  # (r, r)
+  squared = (jnp.einsum('io,io->o', w, w, precision=_HIGHEST) + 2 * s * jnp.sum(b * at_w, axis=0)
+             + s * s * jnp.sum(b * jnp.dot(gram, b, precision=_HIGHEST), axis=0))
+  return jnp.sqrt(jnp.maximum(squared, 0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """Adds the low-rank update to each nn.Dense / nn.Conv call that owns one."""
+  alpha: float
+  rslora: bool
+  dropout: float
+  dora: bool
+
+  def __call__(self, call: intercept.Call):
+    m = call.module
+    if not m.has_variable('params', A):
+      return call.run()
+    _check_layer(call)
+    x = call.inputs
+    y = call.run()
+    a, b = m.get_variable('params', A), m.get_variable('params', B)
+    s = scaling(self.alpha, a.shape[-1], self.rslora)
+    dropped = self._dropout(call, x)
+    update = _up(m, _apply_kernel(m, dropped, a), b)
+    if not self.dora:
+      return (y + s * update).astype(y.dtype)
+    kernel = m.get_variable('params', 'kernel')
+    if dropped is x:
+      base_out = y - m.get_variable('params', 'bias') if m.use_bias else y
+    else:  # as HF PEFT: with dropout on, the base term is recomputed on the dropped x
+      base_out = _apply_kernel(m, dropped, kernel)
+    norm = jax.lax.stop_gradient(factored_norm(kernel, a, b, s))
+    g = m.get_variable('params', MAGNITUDE) / norm  # DoRA paper §4.3: the norm is a constant
+    return (y + (g - 1) * base_out + g * s * update).astype(y.dtype)
+
+  def _dropout(self, call, x):
+    if not call.train or self.dropout == 0:
+      return x
+    keep = jax.random.bernoulli(call.module.make_rng('dropout'), 1 - self.dropout, x.shape)
+    return jnp.where(keep, x / (1 - self.dropout), 0).astype(x.dtype)
+
+
+def _check_layer(call):
+  m = call.module
+  if not isinstance(m, (nn.Dense, nn.Conv)):
+    raise ValueError(
+        f'peft.lora.targets selected {call.path!r}, a {type(m).__name__}; LoRA adapts '
+        'nn.Dense and nn.Conv layers only. Narrow peft.lora.targets to leave it out.')
+  if isinstance(m, nn.Conv) and (m.feature_group_count != 1 or m.mask is not None):
+    raise ValueError(
+        f'peft.lora.targets selected {call.path!r}, a grouped or masked nn.Conv, which '
+        'LoRA does not adapt. Narrow peft.lora.targets to leave it out.')
+
+
+def _apply_kernel(m, x, kernel):
+  """The layer `m` without bias on another kernel, e.g. x A: a conv with A's
+  kernel and the layer's geometry, or a matmul. (The layer's own compact call
+  cannot run twice inside one interception.)"""
+  if isinstance(m, nn.Conv):
+    conv = m.clone(parent=None, features=kernel.shape[-1], use_bias=False)
+    return conv.apply({'params': {'kernel': kernel}}, x)
+  x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=m.dtype)
+  return jnp.dot(x, kernel, precision=m.precision)
+
+
+def _up(m, h, b):
+  h, b = nn.dtypes.promote_dtype(h, b, dtype=m.dtype)
+  return jnp.dot(h, b, precision=m.precision)
+
+
+# ------------------------------------------------------------------ adapt
+
+
+def adapt(model, cfg) -> base.Adapted:
+  """LoRA on the modules `cfg.lora.targets` selects."""
+  return _adapt(model, cfg, dora=False)
+
+
+def adapt_dora(model, cfg) -> base.Adapted:
+  """DoRA on the modules `cfg.lora.targets` selects (same options as LoRA)."""
+  return _adapt(model, cfg, dora=True)
+
+
+def _adapt(model, cfg, dora: bool) -> base.Adapted:
+  opts = _options(cfg)
+  flat = paths.flatten(model.params)
+  if any(p.rsplit('/', 1)[-1] in LEAVES for p in flat):
+    raise ValueError('These params already hold LoRA leaves; merge() them first, or '
+                     'adapt the plain pretrained model.')
+  head_trains = bool(model.config.get('num_classes'))
+  skip = model.head + '/' if head_trains else None
+  candidates = candidate_modules(flat, skip)
+  what = 'peft.lora.targets'
+  patterns = opts['targets']
+  if not patterns:
+    family = model.config.get('model')
+    if family not in DEFAULT_TARGETS:
+      raise ValueError(
+          f'peft.lora.targets is empty and model family {family!r} has no default. Set '
+          f'--config.peft.lora.targets, e.g. {_examples(candidates)}; the Dense/Conv '
+          f'modules are {_overview(candidates)}.')
+    patterns, what = DEFAULT_TARGETS[family], f'the {family} default peft.lora.targets'
+  targets = select(patterns, candidates, what, head=model.head if head_trains else None)
+  ranks = _ranks(sorted(targets), opts['rank'], opts['rank_overrides'])
+  _check_ranks(ranks, flat)
+
+  new = {}
+  for module, r in ranks.items():
+    kernel = np.asarray(flat[f'{module}/kernel'])
+    new[f'{module}/{A}'] = jnp.asarray(_init_a(f'{module}/{A}', kernel, r, opts['init']))
+    new[f'{module}/{B}'] = jnp.zeros((r, kernel.shape[-1]), kernel.dtype)
+    if dora:
+      new[f'{module}/{MAGNITUDE}'] = column_norm(kernel).astype(kernel.dtype)
+  head = {p for p in flat if head_trains and base.is_head(model, p)
+          and not paths.STATISTICS.search(p)}
+  hook = Hook(alpha=float(opts['alpha']), rslora=bool(opts['rslora']),
+              dropout=float(opts['dropout']), dora=dora)
+  return base.Adapted(intercept.Intercepted(model.module, hook),
+                      paths.unflatten({**flat, **new}), frozenset(new) | frozenset(head))
+
+
+def _options(cfg) -> dict:
+  if 'lora' not in cfg:
+    raise ValueError('The peft config has no `lora` section; start the config from '
+                     'base_config.get_config().')
+  c = cfg.lora
+  targets = (c.targets,) if isinstance(c.targets, str) else tuple(c.targets)
+  overrides = c.rank_overrides
+  overrides = list(overrides.items()) if hasattr(overrides, 'items') else list(overrides)
+  problems = []
+  if not isinstance(c.rank, int) or c.rank < 1:
+    problems.append(f'peft.lora.rank={c.rank!r} must be a positive integer')
+  if not c.alpha > 0:
+    problems.append(f'peft.lora.alpha={c.alpha!r} must be positive')
+  if not 0 <= c.dropout < 1:
+    problems.append(f'peft.lora.dropout={c.dropout!r} must be in [0, 1)')
+  if c.init not in INITS:
+    problems.append(f'peft.lora.init={c.init!r} must be one of {INITS}')
+  for entry in overrides:
+    if (len(entry) != 2 or not isinstance(entry[0], str) or not isinstance(entry[1], int)
+        or entry[1] < 1):
+      problems.append(f'peft.lora.rank_overrides entry {entry!r} must be a '
+                      '(regex, positive rank) pair, e.g. ("query$", 4)')
+  if problems:
+    raise ValueError('Bad LoRA options: ' + '; '.join(problems) + '.')
+  return {'targets': targets, 'rank': c.rank, 'alpha': c.alpha, 'dropout': c.dropout,
+          'rslora': c.rslora, 'init': c.init, 'rank_overrides': overrides}
+
+
+def candidate_modules(flat: dict, skip: str | None = None) -> list[str]:
+  """Module paths owning a Dense (2-D) or Conv (3-D+) kernel, minus `skip`'s."""
+  return sorted(p[:-len('/kernel')] for p, v in flat.items()
+                if p.endswith('/kernel') and np.ndim(v) >= 2
+                and not (skip and p.startswith(skip)))
+
+
+def _overview(candidates) -> list[str]:
+  """The candidate paths with layer numbers folded: 'layer_*/attention/self/query'."""
+  return sorted({re.sub(r'\d+', '*', p) for p in candidates})
+
+
+def _examples(candidates) -> str:
+  names = sorted({p.rsplit('/', 1)[-1] for p in candidates})[:3]
+  return '(' + ', '.join(repr(f'{n}$') for n in names) + (',)' if len(names) == 1 else ')')
+
+
+def select(patterns, candidates, what: str, head: str | None = None) -> set:
+  """The candidates any pattern re.search-es; a pattern matching none is an error."""
+  if not candidates:
+    raise ValueError(f'{what}: this model has no nn.Dense or nn.Conv kernel to adapt.')
+  matched, unmatched = set(), []
+  for pattern in patterns:
+    try:
+      regex = re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f'{what}: {pattern!r} is not a valid regex ({e}).') from None
+    hits = {p for p in candidates if regex.search(p)}
+    if not hits:
+      unmatched.append(pattern)
+    matched |= hits
+  if unmatched:
+    nearest = {p: paths.nearest(p, candidates, n=5) for p in unmatched}
+    head_note = (f" The head '{head}/' trains in full and takes no LoRA." if head else '')
+    raise ValueError(
+        f'{what}: {unmatched} match no nn.Dense/nn.Conv module. Patterns are re.search-ed '
+        f"over module paths (a param path without its leaf, e.g. {candidates[0]!r}). "
+        f'Nearest module paths: {nearest}. All {len(candidates)} candidate modules '
+        f'(digits folded to *): {_overview(candidates)}.{head_note} Fix the patterns, '
+        f'e.g. --config.peft.lora.targets="{_examples(candidates)}".')
+  return matched
+
+
+def _ranks(targets, rank, overrides) -> dict:
+  """{module: rank}: the first override pattern that matches a module sets its rank."""
+  compiled = []
+  for pattern, r in overrides:
+    try:
+      regex = re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f'peft.lora.rank_overrides: {pattern!r} is not a valid regex ({e}).'
+                       ) from None
+    if not any(regex.search(t) for t in targets):
+      raise ValueError(
+          f'peft.lora.rank_overrides: {pattern!r} matches none of the LoRA targets; '
+          f'nearest: {paths.nearest(pattern, targets, n=5)}. Fix or drop the pattern.')
+    compiled.append((regex, r))
+  return {t: next((r for regex, r in compiled if regex.search(t)), rank) for t in targets}
+
+
+def _check_ranks(ranks, flat):
+  too_big = []
+  for module, r in ranks.items():
+    shape = tuple(np.shape(flat[f'{module}/kernel']))
+    limit = min(math.prod(shape[:-1]), shape[-1])
+    if r > limit:
+      too_big.append((module, r, shape, limit))
+  if too_big:
+    listed = '; '.join(f'{m!r} kernel {s} allows {lim}, rank {r} asked'
+                       for m, r, s, lim in too_big[:8])
+    m, _, _, lim = too_big[0]
+    raise ValueError(
+        f'The LoRA rank exceeds {len(too_big)} layer(s), at most min(fan_in, out) each: '
+        f'{listed}. Lower peft.lora.rank, or cap those layers with '
+        f'peft.lora.rank_overrides, e.g. (("{re.escape(m)}$", {lim}),).')
+
+
+def _init_a(path, kernel, rank, init):
+  """As HF PEFT: kaiming-uniform (a=sqrt 5, i.e. U(+-1/sqrt(fan_in))) or N(0, 1/r)."""
+  rng = host_init.leaf_rng(SEED, path)
+  shape = kernel.shape[:-1] + (rank,)
+  if init == 'gaussian':
+    return rng.normal(0.0, 1.0 / rank, shape).astype(kernel.dtype)
+  bound = 1.0 / math.sqrt(math.prod(kernel.shape[:-1]))
+  return rng.uniform(-bound, bound, shape).astype(kernel.dtype)
+
+
+# ------------------------------------------------------------------ merge
+
+
+def _hook(module) -> Hook:
+  hook = getattr(module, 'hook', None)
+  if not isinstance(hook, Hook):
+    raise ValueError('Expected the module of a LoRA/DoRA `Adapted` (peft.method lora or '
+                     f'dora), got {type(module).__name__}.')
+  return hook
+
+
+def adapted_modules(flat: dict) -> list[str]:
+  """Module paths that carry LoRA params in a flat param dict."""
+  return sorted(p[:-len('/' + A)] for p in flat if p.endswith('/' + A))
+
+
+def adapter_params(params) -> dict:
+  """Only the LoRA/DoRA leaves: what an adapter file holds."""
+  return paths.unflatten({p: v for p, v in paths.flatten(params).items()
+                          if p.rsplit('/', 1)[-1] in LEAVES})
+
+
+def merge(module, params, *, return_norms: bool = False):
+  """Plain params with each update folded into its kernel, for `module.base`.
+
+  LoRA: W + s A B; DoRA: m (W + s A B) / ||W + s A B||. DoRA's fold cannot
+  be inverted from the merged kernel alone, so `return_norms=True` also
+  returns {module: ||W + s A B||} for `unmerge` (PEFT caches the same).
+  """
+  hook = _hook(module)
+  flat = paths.flatten(params)
+  out = {p: v for p, v in flat.items() if p.rsplit('/', 1)[-1] not in LEAVES}
+  norms = {}
+  for m in adapted_modules(flat):
+    kernel, a = flat[f'{m}/kernel'], flat[f'{m}/{A}']
+    v = (jnp.asarray(kernel, jnp.float32)
+         + scaling(hook.alpha, a.shape[-1], hook.rslora) * delta(a, flat[f'{m}/{B}']))
+    if hook.dora:
+      norms[m] = column_norm(v)
+      v = v * (flat[f'{m}/{MAGNITUDE}'] / norms[m])
+    out[f'{m}/kernel'] = v.astype(kernel.dtype)
+  merged = paths.unflatten(out)
+  return (merged, norms) if return_norms else merged
+
+
+def unmerge(module, merged, adapter, norms: dict | None = None) -> dict:
+  """The adapted params again: kernels from `merge` minus the updates, plus `adapter`.
+
+  adapter: any tree holding the LoRA leaves (e.g. `adapter_params(params)`).
+  norms: DoRA only, the second result of `merge(..., return_norms=True)`.
+  """
+  hook = _hook(module)
+  flat = paths.flatten(merged)
+  lora = {p: v for p, v in paths.flatten(adapter).items() if p.rsplit('/', 1)[-1] in LEAVES}
+  out = {**flat, **lora}
+  for m in adapted_modules(lora):
+    if f'{m}/kernel' not in flat:
+      raise ValueError(f'The adapter adapts {m!r}, which the merged params lack: '
+                       'is this adapter for another model?')
+    kernel, a = flat[f'{m}/kernel'], lora[f'{m}/{A}']
+    update = scaling(hook.alpha, a.shape[-1], hook.rslora) * delta(a, lora[f'{m}/{B}'])
+    w = jnp.asarray(kernel, jnp.float32)
+    if hook.dora:
+      if norms is None or m not in norms:
+        raise ValueError('DoRA unmerge needs the norms from merge(..., return_norms=True): '
+                         'the merged kernel alone does not determine the original.')
+      w = w * (norms[m] / lora[f'{m}/{MAGNITUDE}'])
+    out[f'{m}/kernel'] = (w - update).astype(kernel.dtype)
+  return paths.unflatten(out)
