@@ -9,9 +9,11 @@ step compiles a handful of times, not once per length.
 
   python -m finetune_jax.main --config configs/minilm_fortunes.py --workdir runs/minilm_fortunes
 
-Measured: RESULT. The TF-IDF + logistic-regression baseline on the same
-split (`experiments/tfidf_baseline.py`): 0.613 accuracy, 0.600 macro-F1.
-`:smoke` runs a few steps.
+Measured through this command (2 CPU cores, shared with other jobs for the
+whole run): 0.851 test accuracy and 0.841 macro-F1 on the 1171 test texts
+(0.840 / 0.828 at step 300), `wall_s` 3345 s. The TF-IDF + logistic-regression
+baseline on the same split (`experiments/tfidf_baseline.py`): 0.613 accuracy,
+0.600 macro-F1. `:smoke` runs a few steps.
 """
 import ml_collections
 
@@ -31,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = 600
   c.batch_size = 32
   c.eval_batch_size = 128
-  c.learning_rate = 1e-4  # MiniLM pre-training peaked at 1e-3... fine-tuning ~10x lower.
+  c.learning_rate = 1e-4  # Body; within BERT's usual fine-tuning range (1e-5 to 1e-4).
   c.head_learning_rate = 1e-3
   c.warmup_steps = 60
   c.optimizer.weight_decay = 0.01

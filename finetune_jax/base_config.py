@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Method: which params train.
   c.peft = ml_collections.ConfigDict()
-  c.peft.method = 'full'  # full | linear_probe | bitfit | partial | lora | dora.
+  c.peft.method = 'full'  # full | linear_probe | bitfit | partial | lora | dora | ia3 | adapter.
   c.peft.num_frozen_blocks = 0  # partial: freeze the first N of the model's `blocks` (README).
   c.peft.freeze = ()  # partial: more regexes over param paths to freeze.
   c.peft.lora = ml_collections.ConfigDict()  # lora and dora.
@@ -53,6 +53,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.peft.lora.rslora = False  # rsLoRA: scale by alpha / sqrt(r), so higher ranks keep learning.
   c.peft.lora.init = 'kaiming'  # A's init: 'kaiming' (uniform, HF PEFT's default) or 'gaussian' (std 1/r); B starts at zero.
   c.peft.lora.rank_overrides = ()  # ((regex, rank), ...): the first pattern that matches a target sets its rank.
+  c.peft.init_from = config_dict.placeholder(str)  # An adapter dir to start from: HF PEFT (adapter_config.json + adapter_model.safetensors) or `finetune_jax.export --format adapter`; its base model must match.
+  c.peft.ia3 = ml_collections.ConfigDict()  # ia3: learned rescaling vectors, initialised to 1.
+  c.peft.ia3.targets = ()  # Regexes over module paths whose outputs are scaled (keys, values); both (): the family default (README).
+  c.peft.ia3.feedforward = ()  # Regexes over module paths whose inputs are scaled (the MLP down projection); () with targets set: none.
+  c.peft.adapter = ml_collections.ConfigDict()  # adapter: residual bottlenecks y + up(gelu(down(y))), up initialised to 0.
+  c.peft.adapter.kind = 'houlsby'  # 'houlsby': after the attention and the MLP output projections; 'pfeiffer': after the MLP's only.
+  c.peft.adapter.size = 64  # The bottleneck width of each adapter.
+  c.peft.adapter.targets = ()  # Regexes over module paths whose outputs get an adapter; (): the kind's placement for the family.
 
   # Optimisation.
   c.total_steps = 1000

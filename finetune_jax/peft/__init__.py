@@ -1,6 +1,8 @@
 """Fine-tuning methods, selected by `config.peft.method`."""
+from finetune_jax.peft import adapter
 from finetune_jax.peft import bitfit
 from finetune_jax.peft import full
+from finetune_jax.peft import ia3
 from finetune_jax.peft import linear_probe
 from finetune_jax.peft import lora
 from finetune_jax.peft import partial
@@ -13,6 +15,8 @@ METHODS = {
     'partial': partial.adapt,
     'lora': lora.adapt,
     'dora': lora.adapt_dora,
+    'ia3': ia3.adapt,
+    'adapter': adapter.adapt,
 }
 
 

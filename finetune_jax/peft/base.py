@@ -38,3 +38,24 @@ def is_head(model, path: str) -> bool:
 
 
 Method = Callable[[object, ml_collections.ConfigDict], Adapted]
+
+
+def trains_head(model) -> bool:
+  """A classifier head is new and must train; a language model's own head
+  stays frozen (as in HF PEFT). Methods that add params train these heads too."""
+  return bool(model.config.get('num_classes'))
+
+
+def head_leaves(model) -> frozenset:
+  """The param paths of a head `trains_head` says must train (no statistics)."""
+  if not trains_head(model):
+    return frozenset()
+  return frozenset(p for p in paths.flatten(model.params)
+                   if is_head(model, p) and not paths.STATISTICS.search(p))
+
+
+def not_applicable(model, method: str, needs: str, fix: str) -> ValueError:
+  """The error for a method the model's architecture cannot take (IA3 on a CNN)."""
+  name = '-'.join(str(model.config[k]) for k in ('model', 'variant') if model.config.get(k))
+  return ValueError(f'peft.method={method} does not apply to this model ({name or "?"}): '
+                    f'it needs {needs}, which this model lacks. {fix}')

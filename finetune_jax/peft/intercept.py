@@ -1,18 +1,20 @@
 """Runs a zoo model with some layer calls rewritten, its source untouched.
 
-LoRA and DoRA (and later IA3 or adapters) change what chosen nn.Dense and
-nn.Conv calls return. Rather than editing each model, `Intercepted.apply` runs
-the base module inside `flax.linen.intercept_methods`: a hook sees every
-layer call together with its bound module, so new params can live next to the
-kernel they change ('<module>/lora_a') and the param tree keeps the model's
-own layout. The object duck-types linen's `apply`, the only thing the trainer
-and the sampler call; it is a frozen dataclass so that it hashes, as
+LoRA, DoRA, IA3 and bottleneck adapters change what chosen nn.Dense and
+nn.Conv calls return (IA3's feed-forward scale: what they receive). Rather
+than editing each model, `Intercepted.apply` runs the base module inside
+`flax.linen.intercept_methods`: a hook sees every layer call together with
+its bound module, so new params can live next to the kernel they change
+('<module>/lora_a') and the param tree keeps the model's own layout. The
+object duck-types linen's `apply`, the only thing the trainer and the sampler
+call; it is a frozen dataclass so that it hashes, as
 `jax.jit(..., static_argnames='module')` in sampling.py needs.
 """
 import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +30,12 @@ class Call:
     """The original call. Once only: a compact layer cannot run twice here."""
     return self.next_fun(*self.args, **self.kwargs)
 
+  def run_on(self, inputs):
+    """The original call on other inputs (IA3 rescales a layer's input). Once only."""
+    if self.args:
+      return self.next_fun(inputs, *self.args[1:], **self.kwargs)
+    return self.next_fun(**{**self.kwargs, 'inputs': inputs})
+
   @property
   def inputs(self):
     return self.args[0] if self.args else self.kwargs['inputs']
@@ -35,6 +43,26 @@ class Call:
   @property
   def path(self) -> str:
     return '/'.join(self.module.path)
+
+
+def check_layer(call: Call, option: str, method: str):
+  """Refuses a selected layer the methods cannot change, naming the option to narrow."""
+  m = call.module
+  if not isinstance(m, (nn.Dense, nn.Conv)):
+    raise ValueError(
+        f'{option} selected {call.path!r}, a {type(m).__name__}; {method} adapts '
+        f'nn.Dense and nn.Conv layers only. Narrow {option} to leave it out.')
+  if isinstance(m, nn.Conv) and (m.feature_group_count != 1 or m.mask is not None):
+    raise ValueError(
+        f'{option} selected {call.path!r}, a grouped or masked nn.Conv, which '
+        f'{method} does not adapt. Narrow {option} to leave it out.')
+
+
+def matmul(module: nn.Module, x, kernel):
+  """x @ kernel over the last axis, in `module`'s dtype and precision, so an
+  added branch computes like the layer it sits on."""
+  x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=module.dtype)
+  return jnp.dot(x, kernel, precision=module.precision)
 
 
 Hook = Callable[[Call], Any]  # must hash and compare by value (a frozen dataclass)

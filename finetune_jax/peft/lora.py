@@ -102,13 +102,13 @@ class Hook:
     m = call.module
     if not m.has_variable('params', A):
       return call.run()
-    _check_layer(call)
+    intercept.check_layer(call, 'peft.lora.targets', 'LoRA')
     x = call.inputs
     y = call.run()
     a, b = m.get_variable('params', A), m.get_variable('params', B)
     s = scaling(self.alpha, a.shape[-1], self.rslora)
     dropped = self._dropout(call, x)
-    update = _up(m, _apply_kernel(m, dropped, a), b)
+    update = intercept.matmul(m, _apply_kernel(m, dropped, a), b)
     if not self.dora:
       return (y + s * update).astype(y.dtype)
     kernel = m.get_variable('params', 'kernel')
@@ -127,18 +127,6 @@ class Hook:
     return jnp.where(keep, x / (1 - self.dropout), 0).astype(x.dtype)
 
 
-def _check_layer(call):
-  m = call.module
-  if not isinstance(m, (nn.Dense, nn.Conv)):
-    raise ValueError(
-        f'peft.lora.targets selected {call.path!r}, a {type(m).__name__}; LoRA adapts '
-        'nn.Dense and nn.Conv layers only. Narrow peft.lora.targets to leave it out.')
-  if isinstance(m, nn.Conv) and (m.feature_group_count != 1 or m.mask is not None):
-    raise ValueError(
-        f'peft.lora.targets selected {call.path!r}, a grouped or masked nn.Conv, which '
-        'LoRA does not adapt. Narrow peft.lora.targets to leave it out.')
-
-
 def _apply_kernel(m, x, kernel):
   """The layer `m` without bias on another kernel, e.g. x A: a conv with A's
   kernel and the layer's geometry, or a matmul. (The layer's own compact call
@@ -146,13 +134,7 @@ def _apply_kernel(m, x, kernel):
   if isinstance(m, nn.Conv):
     conv = m.clone(parent=None, features=kernel.shape[-1], use_bias=False)
     return conv.apply({'params': {'kernel': kernel}}, x)
-  x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=m.dtype)
-  return jnp.dot(x, kernel, precision=m.precision)
-
-
-def _up(m, h, b):
-  h, b = nn.dtypes.promote_dtype(h, b, dtype=m.dtype)
-  return jnp.dot(h, b, precision=m.precision)
+  return intercept.matmul(m, x, kernel)
 
 
 # ------------------------------------------------------------------ adapt
@@ -174,7 +156,7 @@ def _adapt(model, cfg, dora: bool) -> base.Adapted:
   if any(p.rsplit('/', 1)[-1] in LEAVES for p in flat):
     raise ValueError('These params already hold LoRA leaves; merge() them first, or '
                      'adapt the plain pretrained model.')
-  head_trains = bool(model.config.get('num_classes'))
+  head_trains = base.trains_head(model)
   skip = model.head + '/' if head_trains else None
   candidates = candidate_modules(flat, skip)
   what = 'peft.lora.targets'
@@ -184,8 +166,8 @@ def _adapt(model, cfg, dora: bool) -> base.Adapted:
     if family not in DEFAULT_TARGETS:
       raise ValueError(
           f'peft.lora.targets is empty and model family {family!r} has no default. Set '
-          f'--config.peft.lora.targets, e.g. {_examples(candidates)}; the Dense/Conv '
-          f'modules are {_overview(candidates)}.')
+          f'--config.peft.lora.targets, e.g. {paths.example_patterns(candidates)}; the '
+          f'Dense/Conv modules are {paths.fold_digits(candidates)}.')
     patterns, what = DEFAULT_TARGETS[family], f'the {family} default peft.lora.targets'
   targets = select(patterns, candidates, what, head=model.head if head_trains else None)
   ranks = _ranks(sorted(targets), opts['rank'], opts['rank_overrides'])
@@ -198,8 +180,7 @@ def _adapt(model, cfg, dora: bool) -> base.Adapted:
     new[f'{module}/{B}'] = jnp.zeros((r, kernel.shape[-1]), kernel.dtype)
     if dora:
       new[f'{module}/{MAGNITUDE}'] = column_norm(kernel).astype(kernel.dtype)
-  head = {p for p in flat if head_trains and base.is_head(model, p)
-          and not paths.STATISTICS.search(p)}
+  head = base.head_leaves(model)
   hook = Hook(alpha=float(opts['alpha']), rslora=bool(opts['rslora']),
               dropout=float(opts['dropout']), dora=dora)
   return base.Adapted(intercept.Intercepted(model.module, hook),
@@ -234,47 +215,12 @@ def _options(cfg) -> dict:
           'rslora': c.rslora, 'init': c.init, 'rank_overrides': overrides}
 
 
-def candidate_modules(flat: dict, skip: str | None = None) -> list[str]:
-  """Module paths owning a Dense (2-D) or Conv (3-D+) kernel, minus `skip`'s."""
-  return sorted(p[:-len('/kernel')] for p, v in flat.items()
-                if p.endswith('/kernel') and np.ndim(v) >= 2
-                and not (skip and p.startswith(skip)))
-
-
-def _overview(candidates) -> list[str]:
-  """The candidate paths with layer numbers folded: 'layer_*/attention/self/query'."""
-  return sorted({re.sub(r'\d+', '*', p) for p in candidates})
-
-
-def _examples(candidates) -> str:
-  names = sorted({p.rsplit('/', 1)[-1] for p in candidates})[:3]
-  return '(' + ', '.join(repr(f'{n}$') for n in names) + (',)' if len(names) == 1 else ')')
+candidate_modules = paths.candidate_modules
 
 
 def select(patterns, candidates, what: str, head: str | None = None) -> set:
   """The candidates any pattern re.search-es; a pattern matching none is an error."""
-  if not candidates:
-    raise ValueError(f'{what}: this model has no nn.Dense or nn.Conv kernel to adapt.')
-  matched, unmatched = set(), []
-  for pattern in patterns:
-    try:
-      regex = re.compile(pattern)
-    except re.error as e:
-      raise ValueError(f'{what}: {pattern!r} is not a valid regex ({e}).') from None
-    hits = {p for p in candidates if regex.search(p)}
-    if not hits:
-      unmatched.append(pattern)
-    matched |= hits
-  if unmatched:
-    nearest = {p: paths.nearest(p, candidates, n=5) for p in unmatched}
-    head_note = (f" The head '{head}/' trains in full and takes no LoRA." if head else '')
-    raise ValueError(
-        f'{what}: {unmatched} match no nn.Dense/nn.Conv module. Patterns are re.search-ed '
-        f"over module paths (a param path without its leaf, e.g. {candidates[0]!r}). "
-        f'Nearest module paths: {nearest}. All {len(candidates)} candidate modules '
-        f'(digits folded to *): {_overview(candidates)}.{head_note} Fix the patterns, '
-        f'e.g. --config.peft.lora.targets="{_examples(candidates)}".')
-  return matched
+  return paths.select_modules(patterns, candidates, what, 'peft.lora.targets', 'LoRA', head)
 
 
 def _ranks(targets, rank, overrides) -> dict:

@@ -1,12 +1,15 @@
 """Parameter paths: '/'-joined names such as 'blocks_3/project_bn/scale'.
 
 Every freezing rule in this package is a regex over these paths, and a rule
-that matches nothing is an error that lists the nearest real paths.
+that matches nothing is an error that lists the nearest real paths. Methods
+that change layers (LoRA, IA3, adapters) select *module* paths, a param path
+without its leaf ('layer_0/attention/self/query'), with `select_modules`.
 """
 import difflib
 import re
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 from flax import traverse_util
 
 # Normalisation statistics are stored as params so that
@@ -64,3 +67,53 @@ def merge(trainable: Mapping, frozen: Mapping) -> dict:
 
 def count(params: Mapping) -> int:
   return sum(int(v.size) for v in flatten(params).values())
+
+
+def candidate_modules(flat: Mapping, skip: str | None = None) -> list[str]:
+  """Module paths owning a Dense (2-D) or Conv (3-D+) kernel, minus `skip`'s."""
+  return sorted(p[:-len('/kernel')] for p, v in flat.items()
+                if p.endswith('/kernel') and np.ndim(v) >= 2
+                and not (skip and p.startswith(skip)))
+
+
+def fold_digits(candidates) -> list[str]:
+  """The paths with layer numbers folded, 'layer_*/attention/self/query': short lists."""
+  return sorted({re.sub(r'\d+', '*', p) for p in candidates})
+
+
+def example_patterns(candidates) -> str:
+  """A config-ready tuple of patterns for the fix in an error message."""
+  names = sorted({p.rsplit('/', 1)[-1] for p in candidates})[:3]
+  return '(' + ', '.join(repr(f'{n}$') for n in names) + (',)' if len(names) == 1 else ')')
+
+
+def select_modules(patterns, candidates, what: str, option: str, method: str,
+                   head: str | None = None) -> set:
+  """The candidates any pattern re.search-es; a pattern matching none is an error.
+
+  The error is the commonest PEFT complaint, so it names the nearest module
+  paths and all candidates. what: where the patterns came from; option: the
+  config field to fix ('peft.lora.targets'); method: 'LoRA', for the message.
+  """
+  if not candidates:
+    raise ValueError(f'{what}: this model has no nn.Dense or nn.Conv kernel to adapt.')
+  matched, unmatched = set(), []
+  for pattern in patterns:
+    try:
+      regex = re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f'{what}: {pattern!r} is not a valid regex ({e}).') from None
+    hits = {p for p in candidates if regex.search(p)}
+    if not hits:
+      unmatched.append(pattern)
+    matched |= hits
+  if unmatched:
+    close = {p: nearest(p, candidates, n=5) for p in unmatched}
+    head_note = f" The head '{head}/' trains in full and takes no {method}." if head else ''
+    raise ValueError(
+        f'{what}: {unmatched} match no nn.Dense/nn.Conv module. Patterns are re.search-ed '
+        f"over module paths (a param path without its leaf, e.g. {candidates[0]!r}). "
+        f'Nearest module paths: {close}. All {len(candidates)} candidate modules '
+        f'(digits folded to *): {fold_digits(candidates)}.{head_note} Fix the patterns, '
+        f'e.g. --config.{option}="{example_patterns(candidates)}".')
+  return matched
