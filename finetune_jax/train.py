@@ -25,6 +25,7 @@ from finetune_jax import pipelines
 from finetune_jax import steps
 from finetune_jax import tasks
 from finetune_jax import workdir as workdir_lib
+from finetune_jax.peft import hf_format
 from finetune_jax.peft import paths
 
 
@@ -120,6 +121,17 @@ def model_options(config) -> dict:
   return {}
 
 
+def build_model(config):
+  """(pretrained model, its PEFT adaptation) as `config` defines them.
+
+  Shared with export.py, which rebuilds a run's model from its config.json.
+  """
+  model = models.load_pretrained(config.pretrained, num_classes=config.num_classes,
+                                 dont_load=tuple(config.dont_load), seed=config.seed,
+                                 **model_options(config))
+  return model, peft.adapt(model, config.peft)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Fine-tunes `config.pretrained` on `config.dataset`; returns results.json."""
   start_time = time.time()
@@ -129,11 +141,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   workdir_lib.check_compatible(workdir, config)
   task = tasks.make_task(config)
   splits = pipelines.open_dataset(config)
-  model = models.load_pretrained(config.pretrained, num_classes=config.num_classes,
-                                 dont_load=tuple(config.dont_load), seed=config.seed,
-                                 **model_options(config))
+  model, adapted = build_model(config)
+  if config.peft.get('init_from'):
+    adapted = hf_format.load_adapter(adapted, model, config.peft.init_from)
   pipeline = pipelines.make(config, splits, model)
-  adapted = peft.adapt(model, config.peft)
   trainable, frozen = paths.split(adapted.params, adapted.trainable)
   tx = optim.make_optimizer(config, trainable, model.head)
   workdir_lib.write_config(workdir, config)

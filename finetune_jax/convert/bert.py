@@ -130,3 +130,29 @@ def num_classes_in(flat: dict) -> int:
   """Classifier size of the checkpoint; 0 when it has no classifier."""
   kernel = flat.get('head/kernel')
   return 0 if kernel is None else int(kernel.shape[-1])
+
+
+def hf_config(config: dict) -> dict:
+  """A transformers config.json for our BERT config (the inverse of hf_architecture).
+
+  With a head it describes a BertForSequenceClassification, else a BertModel.
+  `pooling` has no HF field: a BertForSequenceClassification always feeds its
+  classifier the pooler output (our pooling='pooler').
+  """
+  classes = config['num_classes']
+  out = {
+      'architectures': ['BertForSequenceClassification' if classes else 'BertModel'],
+      'model_type': 'bert', 'vocab_size': config['vocab_size'],
+      'hidden_size': config['hidden_size'], 'num_hidden_layers': config['num_layers'],
+      'num_attention_heads': config['num_heads'],
+      'intermediate_size': config['intermediate_size'], 'hidden_act': config['hidden_act'],
+      'hidden_dropout_prob': config['hidden_dropout_prob'],
+      'attention_probs_dropout_prob': config['attention_probs_dropout_prob'],
+      'classifier_dropout': config['classifier_dropout'],
+      'max_position_embeddings': config['max_position_embeddings'],
+      'type_vocab_size': config['type_vocab_size'], 'layer_norm_eps': config['layer_norm_eps'],
+      'pad_token_id': config['pad_token_id'], 'position_embedding_type': 'absolute',
+      'initializer_range': 0.02}
+  if classes:
+    out.update(mapping.hf_labels(classes))
+  return out

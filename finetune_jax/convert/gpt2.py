@@ -125,3 +125,21 @@ def hf_architecture(hf_config: dict, source: str = '<config.json>') -> dict:
       scale_attn_by_inverse_layer_idx=bool(
           hf_config.get('scale_attn_by_inverse_layer_idx', False)),
       bos_token_id=token('bos_token_id'), eos_token_id=token('eos_token_id'))
+
+
+def hf_config(config: dict) -> dict:
+  """A transformers GPT2LMHeadModel config.json for our GPT-2 config."""
+  return {
+      'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2',
+      'vocab_size': config['vocab_size'], 'n_embd': config['hidden_size'],
+      'n_layer': config['num_layers'], 'n_head': config['num_heads'],
+      'n_positions': config['max_position_embeddings'],
+      'n_inner': config['intermediate_size'],
+      'activation_function': config['activation'],
+      'layer_norm_epsilon': config['layer_norm_eps'],
+      'tie_word_embeddings': config['tie_word_embeddings'],
+      'embd_pdrop': config['embd_pdrop'], 'attn_pdrop': config['attn_pdrop'],
+      'resid_pdrop': config['resid_pdrop'],
+      'scale_attn_by_inverse_layer_idx': config['scale_attn_by_inverse_layer_idx'],
+      'scale_attn_weights': True,
+      'bos_token_id': config['bos_token_id'], 'eos_token_id': config['eos_token_id']}

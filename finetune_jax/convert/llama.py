@@ -189,3 +189,40 @@ def _token_id(value):
   if isinstance(value, (list, tuple)):
     return int(value[0]) if len(value) == 1 else [int(v) for v in value]
   return None if value is None else int(value)
+
+
+def hf_config(config: dict) -> dict:
+  """A transformers config.json for our Llama config (Mistral / Qwen2 by their fields).
+
+  RoPE is written both ways: `rope_parameters` (transformers >= 5) and
+  `rope_theta` (older versions).
+  """
+  llama.check_rope_scaling(config['rope_scaling'], 'the Llama config')  # plain RoPE only
+  out = {
+      'vocab_size': config['vocab_size'], 'hidden_size': config['hidden_size'],
+      'intermediate_size': config['intermediate_size'],
+      'num_hidden_layers': config['num_layers'], 'num_attention_heads': config['num_heads'],
+      'num_key_value_heads': config['num_kv_heads'], 'head_dim': config['head_dim'],
+      'max_position_embeddings': config['max_position_embeddings'],
+      'rope_theta': config['rope_theta'],
+      'rope_parameters': {'rope_type': 'default', 'rope_theta': config['rope_theta']},
+      'rms_norm_eps': config['rms_norm_eps'],
+      'tie_word_embeddings': config['tie_word_embeddings'], 'hidden_act': 'silu',
+      'attention_dropout': config['attention_dropout'],
+      'initializer_range': config['initializer_range'],
+      'bos_token_id': config['bos_token_id'], 'eos_token_id': config['eos_token_id'],
+      'pad_token_id': config['pad_token_id']}
+  if config['sliding_window'] is not None:
+    if config['qkv_bias'] or config['o_bias'] or config['mlp_bias']:
+      raise ValueError('A Llama config with both a sliding window and biases has no '
+                       'transformers model type (Mistral has no biases).')
+    return {'architectures': ['MistralForCausalLM'], 'model_type': 'mistral',
+            'sliding_window': config['sliding_window'], **out}
+  if config['qkv_bias'] and not config['o_bias'] and not config['mlp_bias']:
+    return {'architectures': ['Qwen2ForCausalLM'], 'model_type': 'qwen2',
+            'use_sliding_window': False, **out}
+  if config['qkv_bias'] != config['o_bias']:
+    raise ValueError(f'qkv_bias={config["qkv_bias"]} with o_bias={config["o_bias"]} has '
+                     'no transformers model type (Llama attention_bias sets both).')
+  return {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
+          'attention_bias': config['qkv_bias'], 'mlp_bias': config['mlp_bias'], **out}

@@ -104,3 +104,9 @@ class ParamCollector:
           f'{self.source}: {len(self._unmapped)} {self.noun} have no {self.family} '
           f'parameter: {self._unmapped[:20]}. {self.hint}')
     return self._flat
+
+
+def hf_labels(num_classes: int) -> dict:
+  """config.json fields that size a transformers classifier to `num_classes`."""
+  names = [f'LABEL_{i}' for i in range(num_classes)]
+  return {'id2label': dict(enumerate(names)), 'label2id': {n: i for i, n in enumerate(names)}}

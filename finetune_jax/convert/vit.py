@@ -83,6 +83,75 @@ def hf_to_params(tensors: dict[str, np.ndarray], source: str = '<HF checkpoint>'
   return params.result()
 
 
+def params_to_hf(params: dict, prefix: str = 'vit.') -> dict[str, np.ndarray]:
+  """transformers ViT tensors from our params ('head' -> the unprefixed 'classifier').
+
+  prefix: 'vit.' as in ViTForImageClassification; '' for a ViTModel.
+  """
+  modules = {ours: (theirs, layout) for theirs, ours, layout in _HF_MODULES}
+  params_hf = {ours: f'{prefix}{theirs}' for theirs, ours in _HF_PARAMS.items()}
+  out = {}
+  for path, value in traverse_util.flatten_dict(dict(params), sep='/').items():
+    value = np.asarray(value)
+    if path in params_hf:
+      out[params_hf[path]] = value
+      continue
+    module, leaf = path.rsplit('/', 1)
+    m = re.match(r'encoderblock_(\d+)/(.+)$', module)
+    key = f'encoderblock_{{i}}/{m[2]}' if m else module
+    if key not in modules:
+      raise ValueError(f'Parameter {path!r} has no transformers ViT name.')
+    theirs, layout = modules[key]
+    hf_leaf = {v: k for k, v in _HF_LEAVES[layout].items()}[leaf]
+    if hf_leaf == 'weight' and layout in _HF_WEIGHTS:
+      value = value.transpose(np.argsort(_HF_WEIGHTS[layout][0]))  # the inverse permutation
+    name = f'{theirs.format(i=m[1]) if m else theirs}.{hf_leaf}'
+    out[name if theirs == 'classifier' else prefix + name] = np.ascontiguousarray(value)
+  return out
+
+
+def hf_config(config: dict) -> dict:
+  """A transformers config.json for our ViT config (the inverse of hf_architecture).
+
+  With a head it describes a ViTForImageClassification, else a ViTModel
+  (whose pooler is our pre_logits). Mean pooling and a pre-logits layer
+  under a head have no transformers counterpart and are refused.
+  """
+  classes = config['num_classes']
+  if config['classifier'] != 'token':
+    raise ValueError(f"classifier={config['classifier']!r}: transformers' ViT pools the "
+                     "class token only, so this model has no HF layout.")
+  if classes and config['representation_size']:
+    raise ValueError('A ViT with both pre_logits (representation_size) and a head has no '
+                     'HF layout: ViTForImageClassification has no pre-logits layer.')
+  out = {
+      'architectures': ['ViTForImageClassification' if classes else 'ViTModel'],
+      'model_type': 'vit', 'hidden_size': config['hidden_size'],
+      'num_hidden_layers': config['num_layers'], 'num_attention_heads': config['num_heads'],
+      'intermediate_size': config['mlp_dim'],
+      'hidden_act': 'gelu_pytorch_tanh' if config['gelu_approximate'] else 'gelu',
+      'hidden_dropout_prob': config['dropout_rate'],
+      'attention_probs_dropout_prob': config['attention_dropout_rate'],
+      'image_size': config['image_size'], 'patch_size': config['patch_size'],
+      'num_channels': 3, 'qkv_bias': config['qkv_bias'],
+      'layer_norm_eps': config['layer_norm_eps'], 'initializer_range': 0.02}
+  if config['representation_size']:
+    out.update(pooler_output_size=config['representation_size'], pooler_act='tanh')
+  if classes:
+    out.update(mapping.hf_labels(classes))
+  return out
+
+
+def hf_preprocessor_config(config: dict) -> dict:
+  """A ViTImageProcessor preprocessor_config.json with our resolution and normalisation."""
+  return {
+      'image_processor_type': 'ViTImageProcessor', 'do_resize': True,
+      'size': {'height': config['image_size'], 'width': config['image_size']},
+      'resample': 2, 'do_rescale': True, 'rescale_factor': 1 / 255, 'do_normalize': True,
+      'image_mean': [m / 255 for m in config['mean_rgb']],
+      'image_std': [s / 255 for s in config['stddev_rgb']]}
+
+
 def hf_architecture(hf_config: dict, source: str = '<config.json>') -> dict:
   """make_config fields from a transformers ViTConfig dict."""
   def get(key):

@@ -1,0 +1,100 @@
+"""Exports a run's trained model for the PyTorch ecosystem, or its adapter alone.
+
+  python -m finetune_jax.export --workdir <run> --format {peft,merged,adapter} --out <dir>
+
+  peft     HF PEFT: adapter_config.json + adapter_model.safetensors (LoRA, DoRA),
+           a trained head as modules_to_save; load it with
+           peft.PeftModel.from_pretrained(<the base model in transformers>, <dir>).
+  merged   a transformers model dir (config.json + model.safetensors, tokenizer,
+           preprocessor config) with the LoRA/DoRA updates folded in; any
+           method whose params are the plain model exports too.
+  adapter  the trainable params alone under our param paths (adapter.json +
+           adapter.safetensors), for `--config.peft.init_from` here.
+
+The model is rebuilt from the workdir's config.json exactly as training
+built it (train.build_model), and the trainable params come from the latest
+checkpoint (or --step): frozen params are reloaded from `pretrained`.
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from finetune_jax import checkpoint
+from finetune_jax import optim
+from finetune_jax import train
+from finetune_jax.peft import hf_format
+from finetune_jax.peft import paths
+
+FORMATS = ('peft', 'merged', 'adapter')
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'A run directory (config.json + checkpoints/).')
+flags.DEFINE_enum('format', None, FORMATS, 'What to write; see the module docstring.')
+flags.DEFINE_string('out', None, 'The directory to write.')
+flags.DEFINE_integer('step', None, 'The checkpoint step to export; default: the latest.')
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ValueError(f'{workdir} holds no config.json: it is not a run directory. Point '
+                     '--workdir at the workdir a finetune_jax.main run wrote.')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore(workdir: str, config, step: int | None = None):
+  """(model, adapted, trained params, step): the run's model with its checkpoint."""
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
+    raise ValueError(f'{workdir} has no checkpoint yet; export a run after its first '
+                     'checkpoint (config.checkpoint_every steps).')
+  model, adapted = train.build_model(config)
+  trainable, frozen = paths.split(adapted.params, adapted.trainable)
+  tx = optim.make_optimizer(config, trainable, model.head)
+  like = {'step': np.int32(0), 'rng': jax.random.PRNGKey(config.seed),
+          'trainable': trainable, 'opt_state': tx.init(trainable)}
+  ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    state = ckpt.restore(like, step)
+  finally:
+    ckpt.close()
+  return model, adapted, paths.merge(state['trainable'], frozen), int(state['step'])
+
+
+def export(workdir: str, fmt: str, out: str, step: int | None = None) -> str:
+  """Writes `workdir`'s model in format `fmt` to `out`; returns `out`."""
+  if fmt not in FORMATS:
+    raise ValueError(f'--format={fmt!r}; use one of {FORMATS}.')
+  config = read_config(workdir)
+  method = config.peft.method
+  model, adapted, params, step = restore(workdir, config, step)
+  if fmt == 'peft':
+    hf_format.save_peft(model, adapted, params, out, method=method,
+                        base_model=config.pretrained)
+  elif fmt == 'merged':
+    hf_format.save_merged(model, adapted, params, out, method=method)
+  else:
+    hf_format.save_adapter(model, adapted, params, out, method=method,
+                           base_model=config.pretrained)
+  logging.info('Wrote %s (%s, step %d of %s).', out, fmt, step, workdir)
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  export(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.step)
+  print(json.dumps({'out': FLAGS.out, 'format': FLAGS.format}))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir', 'format', 'out'])
+  app.run(main)

@@ -1,0 +1,575 @@
+"""Adapters and merged models in Hugging Face layouts, written and read back.
+
+  save_peft(...)      adapter_config.json + adapter_model.safetensors (HF PEFT LoRA/DoRA)
+  save_merged(...)    config.json + model.safetensors (transformers), updates folded in
+  save_adapter(...)   adapter.json + adapter.safetensors: the trainable params, our paths
+  load_adapter(adapted, model, dir)   either kind of adapter dir, onto an adapted model
+
+HF PEFT names each LoRA tensor after the transformers *module* it adapts,
+prefixed 'base_model.model.', in torch layouts:
+  lora_A.weight          (r, in)  | (r, in, kh, kw)    ours lora_a (in, r) | (kh, kw, in, r)
+  lora_B.weight          (out, r) | (out, r, 1, 1)     ours lora_b (r, out)
+  lora_magnitude_vector  (out,)   | (1, out, 1, 1)     ours lora_magnitude (out,)
+(Linear and GPT-2's Conv1D | Conv2d.) A trained classifier head is a
+`modules_to_save` module, stored as its plain weights. Module names come from
+the converters' `params_to_hf`, so there is one name table per family. The
+exception is ViT under transformers >= 5: its modules were renamed (q_proj,
+mlp.fc1, ...) while its checkpoints kept the old names, and PEFT keys follow
+the modules. Exports use the installed transformers' naming (v5 without one);
+imports read both.
+"""
+import collections
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import re
+from typing import Callable
+
+import numpy as np
+import safetensors.numpy
+
+from finetune_jax.convert import bert as convert_bert
+from finetune_jax.convert import gpt2 as convert_gpt2
+from finetune_jax.convert import hf_dir
+from finetune_jax.convert import llama as convert_llama
+from finetune_jax.convert import vit as convert_vit
+from finetune_jax.peft import lora
+from finetune_jax.peft import paths
+
+PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'
+OUR_CONFIG, OUR_WEIGHTS = 'adapter.json', 'adapter.safetensors'
+OUR_FORMAT = 'finetune_jax.adapter'
+PEFT_PREFIX = 'base_model.model.'
+PEFT_METHODS = ('lora', 'dora')
+# Methods whose params are the plain model: a merged export is the params as they are.
+PLAIN_METHODS = ('full', 'linear_probe', 'bitfit', 'partial')
+_TORCH_METADATA = {'format': 'pt'}  # what transformers and PEFT expect in the header
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+  """How one model family maps onto transformers; pairs are (with head, without)."""
+  to_hf: Callable  # (nested params, our config, prefix) -> {HF state-dict name: array}
+  hf_config: Callable  # our config -> config.json
+  prefix: tuple  # of the body's module names
+  task_type: tuple  # PEFT's task_type
+  fan_in_fan_out: bool = False  # GPT-2's Conv1D keeps weights (in, out)
+
+
+_FAMILIES = {
+    'bert': _Family(lambda p, c, prefix: convert_bert.params_to_hf(p, prefix=prefix),
+                    convert_bert.hf_config, ('bert.', ''), ('SEQ_CLS', 'FEATURE_EXTRACTION')),
+    'gpt2': _Family(lambda p, c, prefix: convert_gpt2.params_to_hf(p, prefix=prefix),
+                    convert_gpt2.hf_config, ('transformer.',) * 2, ('CAUSAL_LM',) * 2,
+                    fan_in_fan_out=True),
+    'llama': _Family(lambda p, c, prefix: convert_llama.params_to_hf(p, c),
+                     convert_llama.hf_config, ('model.',) * 2, ('CAUSAL_LM',) * 2),
+    'vit': _Family(lambda p, c, prefix: convert_vit.params_to_hf(p, prefix=prefix),
+                   convert_vit.hf_config, ('vit.', ''), (None, None)),
+}
+
+# transformers >= 5 ViT modules, from its checkpoint names (its conversion_mapping).
+_VIT_V5_RENAMES = (
+    (r'encoder\.layer\.(\d+)\.', r'layers.\1.'),
+    (r'\.attention\.attention\.query$', '.attention.q_proj'),
+    (r'\.attention\.attention\.key$', '.attention.k_proj'),
+    (r'\.attention\.attention\.value$', '.attention.v_proj'),
+    (r'\.attention\.output\.dense$', '.attention.o_proj'),
+    (r'\.intermediate\.dense$', '.mlp.fc1'),
+    (r'(layers\.\d+)\.output\.dense$', r'\1.mlp.fc2'),
+)
+
+
+def _transformers_major() -> int:
+  """The installed transformers' major version; 5 (today's) when it is absent."""
+  try:
+    return int(importlib.metadata.version('transformers').split('.')[0])
+  except (importlib.metadata.PackageNotFoundError, ValueError):
+    return 5
+
+
+def _family(model) -> _Family:
+  name = model.config.get('model')
+  if name not in _FAMILIES:
+    raise ValueError(f'Model family {name!r} has no Hugging Face layout here; the HF '
+                     f'formats cover {sorted(_FAMILIES)}. Use --format adapter (our '
+                     'own layout) for this model.')
+  return _FAMILIES[name]
+
+
+def _has_head(model) -> bool:
+  return bool(model.config.get('num_classes'))
+
+
+def _prefix(model) -> str:
+  return _family(model).prefix[0 if _has_head(model) else 1]
+
+
+def _lora_hook(adapted):
+  hook = getattr(adapted.module, 'hook', None)
+  return hook if isinstance(hook, lora.Hook) else None
+
+
+def _checkpoint_names(model, flat: dict, modules) -> dict:
+  """{our module: transformers checkpoint module name}, from the family's converter."""
+  fam, prefix = _family(model), _prefix(model)
+  out = {}
+  for m in modules:
+    probe = {f'{m}/kernel': np.zeros((1,) * np.ndim(flat[f'{m}/kernel']), np.float32)}
+    (name,) = fam.to_hf(paths.unflatten(probe), model.config, prefix)
+    out[m] = name[:-len('.weight')]
+  return out
+
+
+def _vit_v5_name(name: str) -> str:
+  for pattern, repl in _VIT_V5_RENAMES:
+    name = re.sub(pattern, repl, name)
+  return name
+
+
+def _runtime_name(model, name: str) -> str:
+  """The module's name inside the installed transformers' model (what PEFT keys use)."""
+  if model.config.get('model') == 'vit' and _transformers_major() >= 5:
+    return _vit_v5_name(name)
+  return name
+
+
+def module_names(model, flat: dict, modules) -> dict:
+  """{our module path: the transformers module PEFT adapts}."""
+  return {m: _runtime_name(model, n) for m, n in _checkpoint_names(model, flat, modules).items()}
+
+
+def _extra_hf_modules(model) -> set:
+  """Linear modules transformers builds that our params lack (randomly initialised there)."""
+  config, prefix = model.config, _prefix(model)
+  if config['model'] == 'bert' and not config.get('add_pooler', True):
+    return {f'{prefix}pooler.dense'}
+  if config['model'] == 'vit' and not _has_head(model) and not config.get('representation_size'):
+    return {'pooler.dense'}
+  return set()
+
+
+def _target_modules(model, flat: dict, chosen: set):
+  """PEFT's target_modules: short names ('query', 'value') when they select
+  exactly `chosen`, else the full module names (exact in PEFT too)."""
+  candidates = lora.candidate_modules(flat, model.head + '/' if _has_head(model) else None)
+  everything = set(module_names(model, flat, candidates).values()) | _extra_hf_modules(model)
+  leaves = sorted({n.rsplit('.', 1)[-1] for n in chosen})
+  if {n for n in everything if n.rsplit('.', 1)[-1] in leaves} == chosen:
+    return leaves
+  return sorted(chosen)
+
+
+def _head_tensors(model, flat: dict) -> dict:
+  """The head's HF tensors ('classifier.weight', ...), or {} without a head."""
+  if not _has_head(model):
+    return {}
+  head = {p: np.asarray(v) for p, v in flat.items() if p.startswith(model.head + '/')}
+  return _family(model).to_hf(paths.unflatten(head), model.config, _prefix(model))
+
+
+def _warn_head(model):
+  config = model.config
+  if config['model'] == 'bert' and _has_head(model) and config.get('pooling') != 'pooler':
+    logging.warning(
+        "This BERT's head reads pooling=%r features, but transformers' "
+        'BertForSequenceClassification feeds its classifier the pooler output: its '
+        'logits will differ from ours (hidden states match). Train with '
+        "--config.text.pooling=pooler for identical logits.", config.get('pooling'))
+
+
+def _host(params) -> dict:
+  """Host numpy copies of a param tree."""
+  return paths.unflatten({p: np.asarray(v) for p, v in paths.flatten(params).items()})
+
+
+def _number(x: float):
+  return int(x) if float(x).is_integer() else float(x)
+
+
+def _write_safetensors(tensors: dict, path: str, metadata=None) -> None:
+  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                              path, metadata=metadata)
+
+
+def _write_json(obj, path: str) -> None:
+  with open(path, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def _unsupported(method: str, fmt: str, supported) -> ValueError:
+  return ValueError(f'--format {fmt} is not supported yet for peft.method={method!r}; it '
+                    f'covers {", ".join(supported)}. --format adapter saves any method.')
+
+
+# ------------------------------------------------------------------ save
+
+
+def save_peft(model, adapted, params, out_dir: str, *, method: str,
+              base_model: str | None = None) -> None:
+  """Writes the HF PEFT layout of a LoRA/DoRA run (params: adapted, trained)."""
+  hook = _lora_hook(adapted)
+  if method not in PEFT_METHODS or hook is None:
+    if method in PLAIN_METHODS:
+      raise ValueError(f'peft.method={method!r} trains no adapter, so there is nothing for '
+                       'the PEFT format to hold. Export it with --format merged.')
+    raise _unsupported(method, 'peft', PEFT_METHODS)
+  fam = _family(model)
+  fam.hf_config(model.config)  # refuses a model transformers cannot express
+  _warn_head(model)
+  flat = paths.flatten(params)  # device arrays: only the adapter leaves are copied out
+  modules = lora.adapted_modules(flat)
+  names = module_names(model, flat, modules)
+  tensors, ranks = {}, {}
+  for m in modules:
+    a, b = np.asarray(flat[f'{m}/{lora.A}']), np.asarray(flat[f'{m}/{lora.B}'])
+    conv = a.ndim == 4
+    key = PEFT_PREFIX + names[m]
+    ranks[names[m]] = a.shape[-1]
+    tensors[f'{key}.lora_A.weight'] = a.transpose(3, 2, 0, 1) if conv else a.T
+    tensors[f'{key}.lora_B.weight'] = b.T[:, :, None, None] if conv else b.T
+    if hook.dora:
+      magnitude = np.asarray(flat[f'{m}/{lora.MAGNITUDE}'])
+      tensors[f'{key}.lora_magnitude_vector'] = (
+          magnitude.reshape(1, -1, 1, 1) if conv else magnitude)
+  head = _head_tensors(model, flat)
+  tensors.update({PEFT_PREFIX + k: v for k, v in head.items()})
+  r = collections.Counter(ranks.values()).most_common(1)[0][0]
+  config = {
+      'peft_type': 'LORA', 'task_type': fam.task_type[0 if _has_head(model) else 1],
+      'base_model_name_or_path': base_model, 'revision': None, 'r': r,
+      'lora_alpha': _number(hook.alpha), 'lora_dropout': hook.dropout,
+      'target_modules': _target_modules(model, flat, set(names.values())),
+      'rank_pattern': {re.escape(n): k for n, k in ranks.items() if k != r},
+      'alpha_pattern': {}, 'use_rslora': hook.rslora, 'use_dora': hook.dora,
+      'fan_in_fan_out': fam.fan_in_fan_out, 'bias': 'none',
+      'modules_to_save': sorted({k.rsplit('.', 1)[0] for k in head}) or None,
+      'init_lora_weights': True, 'inference_mode': True}
+  os.makedirs(out_dir, exist_ok=True)
+  _write_json(config, os.path.join(out_dir, PEFT_CONFIG))
+  _write_safetensors(tensors, os.path.join(out_dir, PEFT_WEIGHTS), _TORCH_METADATA)
+
+
+def merged_params(adapted, params, *, method: str) -> dict:
+  """Plain model params: LoRA/DoRA updates folded in, other plain methods as they are."""
+  if _lora_hook(adapted) is not None:
+    return lora.merge(adapted.module, params)
+  if method in PLAIN_METHODS:
+    return params
+  raise _unsupported(method, 'merged', PEFT_METHODS + PLAIN_METHODS)
+
+
+def save_merged(model, adapted, params, out_dir: str, *, method: str) -> None:
+  """Writes a transformers model dir (config.json, model.safetensors, tokenizer, ...)."""
+  fam = _family(model)
+  merged = merged_params(adapted, params, method=method)
+  hf_config = fam.hf_config(model.config)  # refuses what transformers cannot express
+  _warn_head(model)
+  tensors = fam.to_hf(_host(merged), model.config, _prefix(model))
+  os.makedirs(out_dir, exist_ok=True)
+  _write_json(hf_config, os.path.join(out_dir, 'config.json'))
+  _write_safetensors(tensors, os.path.join(out_dir, 'model.safetensors'), _TORCH_METADATA)
+  if model.tokenizer is not None:
+    model.tokenizer.save(os.path.join(out_dir, 'tokenizer.json'))
+  if model.config['model'] == 'vit':
+    _write_json(convert_vit.hf_preprocessor_config(model.config),
+                os.path.join(out_dir, 'preprocessor_config.json'))
+
+
+def save_adapter(model, adapted, params, out_dir: str, *, method: str,
+                 base_model: str | None = None) -> None:
+  """Writes the trainable params alone, under our param paths (any method)."""
+  flat = paths.flatten(params)
+  tensors = {p: np.asarray(flat[p]) for p in sorted(adapted.trainable)}
+  hook = _lora_hook(adapted)
+  meta = {'format': OUR_FORMAT, 'version': 1, 'method': method, 'pretrained': base_model,
+          'model': model.config.get('model'), 'num_classes': model.config.get('num_classes'),
+          'lora': None if hook is None else {
+              'alpha': hook.alpha, 'rslora': hook.rslora, 'dora': hook.dora}}
+  os.makedirs(out_dir, exist_ok=True)
+  _write_json(meta, os.path.join(out_dir, OUR_CONFIG))
+  _write_safetensors(tensors, os.path.join(out_dir, OUR_WEIGHTS))
+
+
+# ------------------------------------------------------------------ load
+
+
+def load_adapter(adapted, model, path: str):
+  """`adapted` with its adapter (and head) params taken from the adapter dir `path`.
+
+  Reads an HF PEFT dir (LoRA/DoRA) or one from `--format adapter`. Anything
+  about the adapter's base model or method that disagrees with this run is
+  one ValueError naming both sides and the config change that fixes it.
+  """
+  path = os.fspath(path)
+  if os.path.exists(os.path.join(path, PEFT_CONFIG)):
+    return _load_peft(adapted, model, path)
+  if os.path.exists(os.path.join(path, OUR_CONFIG)):
+    return _load_ours(adapted, model, path)
+  raise ValueError(
+      f'peft.init_from={path!r} is not an adapter dir: it holds neither {PEFT_CONFIG} + '
+      f'{PEFT_WEIGHTS} (HF PEFT save_pretrained) nor {OUR_CONFIG} + {OUR_WEIGHTS} '
+      '(python -m finetune_jax.export --format adapter). Point it at one of those.')
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise hf_dir.CheckpointFileError(f'{path}: cannot read it as JSON ({e}).') from None
+
+
+def _read_weights(path: str, name: str) -> dict:
+  file = os.path.join(path, name)
+  if not os.path.exists(file):
+    others = [f for f in os.listdir(path) if f.startswith('adapter_model')]
+    raise ValueError(f'{path} has no {name}{f" (it has {others})" if others else ""}; '
+                     'only safetensors adapters are read: save it with '
+                     'save_pretrained(dir, safe_serialization=True).')
+  return hf_dir.read_safetensors(file)
+
+
+def _mismatch(path: str, theirs: str, ours: str, fix: str) -> ValueError:
+  return ValueError(f'adapter dir {path} was made for a base model whose {theirs}; this '
+                    f"run's model {ours}. {fix}")
+
+
+def _differs(path: str, theirs: str, ours: str, fix: str) -> ValueError:
+  return ValueError(f'adapter dir {path} {theirs}; this run {ours}. {fix}')
+
+
+def _fold(names) -> list:
+  """Module names with layer numbers folded ('layer.*.attention'), for messages."""
+  return sorted({re.sub(r'(?<=[._])\d+(?=[./]|$)', '*', n) for n in names})
+
+
+def _inverse_names(model, flat: dict) -> dict:
+  """{HF module name, in every naming we read: our module}, the head included."""
+  fam = _family(model)
+  modules = lora.candidate_modules(flat)
+  checkpoint = _checkpoint_names(model, flat, modules)
+  prefixes = {p for p in fam.prefix if p}
+  out = {}
+  for m, name in checkpoint.items():
+    renamed = _vit_v5_name(name) if model.config['model'] == 'vit' else name
+    for n in (name, renamed):  # adapters from either transformers generation
+      core = next((n[len(p):] for p in prefixes if n.startswith(p)), n)
+      for variant in (core, *(p + core for p in prefixes)):
+        out.setdefault(variant, m)
+  return out
+
+
+def _targets_hint(wanted: set) -> str:
+  leaves = sorted({m.rsplit('/', 1)[-1] for m in wanted})
+  return '(' + ', '.join(repr(f'{n}$') for n in leaves) + (',)' if len(leaves) == 1 else ')')
+
+
+def _load_peft(adapted, model, path):
+  """The base model first (names, shapes), then method, targets, ranks, alpha, head."""
+  cfg = _read_json(os.path.join(path, PEFT_CONFIG))
+  if cfg.get('peft_type') != 'LORA':
+    raise ValueError(f'{path}: peft_type={cfg.get("peft_type")!r} adapters cannot be '
+                     'imported yet; LORA (LoRA and DoRA) can.')
+  flat = paths.flatten(adapted.params)
+  loras, others = _split_peft_tensors(path, _read_weights(path, PEFT_WEIGHTS))
+  new, ranks = _map_loras(path, cfg, model, flat, loras)
+  _check_options(path, cfg, adapted)
+  hook = _lora_hook(adapted)
+  if hook.dora:
+    missing = sorted(n for n, leaves in loras.items() if 'lora_magnitude_vector' not in leaves)
+    if missing:
+      raise ValueError(f'{path}: {missing[0]} has no lora_magnitude_vector, which DoRA needs.')
+  _check_targets(path, ranks, lora.adapted_modules(flat))
+  mine = {m: int(np.shape(flat[f'{m}/{lora.A}'])[-1]) for m in lora.adapted_modules(flat)}
+  if mine != ranks:
+    their = sorted(set(ranks.values()))
+    fix = (f'Set --config.peft.lora.rank={their[0]}.' if len(their) == 1 else
+           'Set peft.lora.rank and peft.lora.rank_overrides to these ranks.')
+    raise _differs(path, f'has LoRA ranks {dict(sorted(ranks.items())[:4])}',
+                   f'uses ranks {dict(sorted(mine.items())[:4])}', fix)
+  _check_alpha(path, cfg, hook, list(loras))
+  new.update(_head_from(path, model, flat, others))
+  out = dict(flat)
+  for p, v in new.items():
+    out[p] = np.asarray(v, np.asarray(flat[p]).dtype)
+  return dataclasses.replace(adapted, params=paths.unflatten(out))
+
+
+def _split_peft_tensors(path, tensors: dict) -> tuple[dict, dict]:
+  """({HF module: {'lora_A'|'lora_B'|'lora_magnitude_vector': array}}, {other name: array})."""
+  loras, others = collections.defaultdict(dict), {}
+  for key, value in tensors.items():
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    m = re.match(r'^(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$',
+                 name)
+    if m:
+      loras[m[1]][m[2].split('.')[0]] = np.asarray(value)
+    elif '.lora_' in name:
+      raise ValueError(f'{path}: {key} is a LoRA tensor of a kind this project does not '
+                       'import (lora_A, lora_B and lora_magnitude_vector only).')
+    else:
+      others[name] = np.asarray(value)
+  incomplete = sorted(n for n, leaves in loras.items()
+                      if 'lora_A' not in leaves or 'lora_B' not in leaves)
+  if incomplete:
+    raise ValueError(f'{path}: {incomplete[0]} lacks lora_A or lora_B: the adapter file '
+                     'is incomplete.')
+  return dict(loras), others
+
+
+def _map_loras(path, cfg, model, flat, loras) -> tuple[dict, dict]:
+  """Our {param path: array} and {module: rank}; a module or shape that is not
+  this base model's is a mismatch error."""
+  family = model.config['model']
+  inverse = _inverse_names(model, flat)
+  fix = ('Load the adapter onto the base model it was trained on (--config.pretrained; '
+         f'it names base_model_name_or_path={cfg.get("base_model_name_or_path")!r}).')
+  unknown = sorted(n for n in loras if n not in inverse)
+  if unknown:
+    own = module_names(model, flat, lora.candidate_modules(flat)).values()
+    raise _mismatch(path, f'adapted modules are {_fold(loras)}',
+                    f'({family}) has no module {unknown[0]!r}; its modules are {_fold(own)}',
+                    fix)
+  new, ranks = {}, {}
+  for name, leaves in loras.items():
+    ours = inverse[name]
+    kernel_shape = tuple(np.shape(flat[f'{ours}/kernel']))
+    a_hf, b_hf = leaves['lora_A'], leaves['lora_B']
+    a = a_hf.transpose(2, 3, 1, 0) if a_hf.ndim == 4 else a_hf.T
+    b = b_hf.reshape(b_hf.shape[0], -1).T
+    if (a.shape[:-1] != kernel_shape[:-1] or b.shape[-1] != kernel_shape[-1]
+        or a.shape[-1] != b.shape[0]):
+      raise _mismatch(path, f'{name} maps {a.shape[:-1]} -> {b.shape[-1]} features '
+                      f'(lora_A {a_hf.shape}, lora_B {b_hf.shape})',
+                      f'has {ours!r} with a {kernel_shape} kernel', fix)
+    ranks[ours] = a.shape[-1]
+    new[f'{ours}/{lora.A}'], new[f'{ours}/{lora.B}'] = a, b
+    if 'lora_magnitude_vector' in leaves:
+      new[f'{ours}/{lora.MAGNITUDE}'] = leaves['lora_magnitude_vector'].reshape(-1)
+  return new, ranks
+
+
+def _check_options(path, cfg, adapted) -> None:
+  """The run's method and LoRA options must be the adapter's."""
+  hook = _lora_hook(adapted)
+  method = 'dora' if cfg.get('use_dora') else 'lora'
+  if hook is None or hook.dora != bool(cfg.get('use_dora')):
+    raise ValueError(f'{path} holds a {"DoRA" if method == "dora" else "LoRA"} adapter; set '
+                     f'--config.peft.method={method} to load it with peft.init_from.')
+  unsupported = [k for k, bad in (
+      ('bias', cfg.get('bias', 'none') != 'none'), ('lora_bias', cfg.get('lora_bias')),
+      ('layer_replication', cfg.get('layer_replication')),
+      ('trainable_token_indices', cfg.get('trainable_token_indices'))) if bad]
+  if unsupported:
+    raise ValueError(f'{path} uses LoRA options this project does not implement: '
+                     f'{", ".join(f"{k}={cfg.get(k)!r}" for k in unsupported)}.')
+  rslora = bool(cfg.get('use_rslora'))
+  if rslora != hook.rslora:
+    raise ValueError(f'{path} has use_rslora={rslora}; set --config.peft.lora.rslora={rslora} '
+                     'to match it.')
+
+
+def _check_targets(path, theirs: dict, mine: list) -> None:
+  missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+  if missing or extra:
+    raise _differs(
+        path, f'adapts {_fold(theirs)}',
+        f'adapts {_fold(mine)} (peft.lora.targets)'
+        + (f'; the adapter lacks {missing[:3]}' if missing else '')
+        + (f'; this run leaves out {extra[:3]}' if extra else ''),
+        f'Set --config.peft.lora.targets="{_targets_hint(set(theirs))}" (regexes over our '
+        'module paths) to adapt the same modules.')
+
+
+def _check_alpha(path, cfg, hook, names) -> None:
+  """PEFT's lora_alpha (or an alpha_pattern entry) must be this run's alpha."""
+  alpha = cfg.get('lora_alpha', 8)
+  pattern = cfg.get('alpha_pattern') or {}
+  alphas = set()
+  for name in names:
+    key = next((k for k in pattern if re.match(rf'(.*\.)?({k})$', name)), None)
+    alphas.add(float(pattern[key] if key is not None else alpha))
+  if len(alphas) > 1:
+    raise ValueError(f'{path} scales its modules by different alphas ({sorted(alphas)}, '
+                     'alpha_pattern); this project uses one peft.lora.alpha for all.')
+  (theirs,) = alphas or {float(alpha)}
+  if not math.isclose(theirs, hook.alpha, rel_tol=1e-6):
+    raise ValueError(f'{path} has lora_alpha={_number(theirs)} but this run '
+                     f'peft.lora.alpha={_number(hook.alpha)}; set '
+                     f'--config.peft.lora.alpha={_number(theirs)} to match it.')
+
+
+def _head_from(path, model, flat, others: dict) -> dict:
+  """Our head params from the adapter's modules_to_save tensors ({} when it has none)."""
+  if not others:
+    if _has_head(model):
+      logging.warning('%s saves no classifier head; the head starts from its init.', path)
+    return {}
+  head_names = {}  # HF name: our path
+  if _has_head(model):
+    for p in flat:
+      if p.startswith(model.head + '/'):
+        probe = paths.unflatten({p: np.zeros((1,) * np.ndim(flat[p]), np.float32)})
+        (name,) = _family(model).to_hf(probe, model.config, _prefix(model))
+        head_names[name] = p
+  foreign = sorted(set(others) - set(head_names))
+  if foreign:
+    if not head_names and any(k.startswith('classifier.') for k in others):
+      n = np.shape(others.get('classifier.weight', np.zeros((0, 0))))[0]
+      raise ValueError(f'{path} saves a trained classifier ({n} classes) but this run '
+                       f'builds no head; set --config.num_classes={n}.')
+    raise ValueError(f'{path} saves modules_to_save tensors {foreign[:4]} that this '
+                     f"{model.config['model']} model cannot take: only the classifier head "
+                     f"({sorted(head_names) or 'none here'}) is imported.")
+  out = {}
+  for name, value in others.items():
+    ours = head_names[name]
+    value = np.asarray(value)
+    value = value.T if ours.endswith('/kernel') else value
+    if value.shape != tuple(np.shape(flat[ours])):
+      classes = value.shape[-1]
+      raise ValueError(f'{path} saves a classifier with {classes} classes but this run '
+                       f'has {model.config["num_classes"]}; set '
+                       f'--config.num_classes={classes}.')
+    out[ours] = value
+  return out
+
+
+def _load_ours(adapted, model, path):
+  meta = _read_json(os.path.join(path, OUR_CONFIG))
+  if meta.get('format') != OUR_FORMAT:
+    raise ValueError(f'{path}/{OUR_CONFIG} is not a {OUR_FORMAT} file.')
+  tensors = _read_weights(path, OUR_WEIGHTS)
+  flat = paths.flatten(adapted.params)
+  trains = adapted.trainable
+  missing, extra = sorted(trains - set(tensors)), sorted(set(tensors) - trains)
+  shapes = [(p, tuple(tensors[p].shape), tuple(np.shape(flat[p])))
+            for p in sorted(set(tensors) & trains)
+            if tuple(tensors[p].shape) != tuple(np.shape(flat[p]))]
+  if missing or extra or shapes:
+    details = '; '.join(x for x in (
+        missing and f'this run trains {missing[:3]}, which the adapter lacks',
+        extra and f'the adapter holds {extra[:3]}, which this run does not train',
+        shapes and f'(path, adapter shape, our shape) differ: {shapes[:3]}') if x)
+    raise _mismatch(path, f'trainable params ({meta.get("model")}, '
+                    f'pretrained={meta.get("pretrained")!r}, method={meta.get("method")!r}) '
+                    f'are {len(tensors)} tensors', f'differs: {details}',
+                    'Use the pretrained model, num_classes and peft options the adapter '
+                    'was trained with.')
+  hook = _lora_hook(adapted)
+  theirs = meta.get('lora')
+  mine = None if hook is None else {
+      'alpha': hook.alpha, 'rslora': hook.rslora, 'dora': hook.dora}
+  if theirs != mine:
+    raise ValueError(
+        f'adapter dir {path} was trained with peft.method={meta.get("method")!r} '
+        f'(LoRA options {theirs}); this run uses LoRA options {mine}. Set peft.method '
+        'and peft.lora.alpha / rslora as the adapter was trained.')
+  out = dict(flat)
+  for p, v in tensors.items():
+    out[p] = np.asarray(v, np.asarray(flat[p]).dtype)
+  return dataclasses.replace(adapted, params=paths.unflatten(out))

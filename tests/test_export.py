@@ -1,0 +1,414 @@
+"""Export and import: HF PEFT adapters and merged transformers dirs, both ways.
+
+Each family starts from one random transformers model saved to disk, so
+ours (load_pretrained(dir)) and theirs share the base weights exactly.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from finetune_jax import base_config
+from finetune_jax import export
+from finetune_jax import models
+from finetune_jax import peft
+from finetune_jax import train
+from finetune_jax.models import tokenization
+from finetune_jax.peft import hf_format
+from finetune_jax.peft import lora
+from finetune_jax.peft import paths
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
+import minilm_fortunes  # noqa: E402  (configs/minilm_fortunes.py)
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+TOL = 1e-4
+BERT_VOCAB = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + [f'w{i}' for i in range(94)]
+
+
+def _transformers_v5():
+  import transformers
+  return int(transformers.__version__.split('.')[0]) >= 5
+
+
+def _randomise_torch(model, seed=0):
+  import torch
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      is_norm = ('LayerNorm' in name or 'layernorm' in name or 'ln_' in name
+                 or 'norm' in name)
+      if is_norm and name.endswith('weight'):
+        p.uniform_(0.5, 1.5)
+      else:
+        p.normal_(0.0, 0.2)
+  return model.eval()
+
+
+def _make_bert(path):
+  from transformers import BertConfig, BertForSequenceClassification
+  hf = BertForSequenceClassification(BertConfig(
+      vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=37, max_position_embeddings=64, num_labels=3))
+  hf = _randomise_torch(hf)
+  hf.save_pretrained(path)
+  (path / 'vocab.txt').write_text('\n'.join(BERT_VOCAB) + '\n')
+  # pooling='pooler' is what BertForSequenceClassification feeds its classifier.
+  return hf, models.load_pretrained(str(path), pooling='pooler')
+
+
+def _make_gpt2(path):
+  from transformers import GPT2Config, GPT2LMHeadModel
+  hf = _randomise_torch(GPT2LMHeadModel(GPT2Config(
+      n_embd=32, n_layer=2, n_head=4, vocab_size=300, n_positions=64,
+      bos_token_id=299, eos_token_id=299)))
+  hf.save_pretrained(path)
+  return hf, models.load_pretrained(str(path))
+
+
+def _make_llama(path):
+  from transformers import LlamaConfig, LlamaForCausalLM
+  config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=64, vocab_size=260,
+                       max_position_embeddings=64, rms_norm_eps=1e-5,
+                       tie_word_embeddings=True, bos_token_id=256, eos_token_id=256)
+  config._attn_implementation = 'eager'
+  hf = _randomise_torch(LlamaForCausalLM(config))
+  hf.save_pretrained(path)
+  tokenization.byte_level_tokenizer(('<|endoftext|>',)).save(str(path / 'tokenizer.json'))
+  return hf, models.load_pretrained(str(path))
+
+
+def _make_vit(path):
+  from transformers import ViTConfig, ViTForImageClassification
+  hf = _randomise_torch(ViTForImageClassification(ViTConfig(
+      hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+      image_size=32, patch_size=8, num_labels=3)))
+  hf.save_pretrained(path)
+  return hf, models.load_pretrained(str(path))
+
+
+MAKERS = {'bert': _make_bert, 'gpt2': _make_gpt2, 'llama': _make_llama, 'vit': _make_vit}
+
+
+@pytest.fixture(scope='module')
+def zoo(tmp_path_factory):
+  """family -> (torch model, its saved dir, our Pretrained of that dir)."""
+  out = {}
+  for family, make in MAKERS.items():
+    path = tmp_path_factory.mktemp('hf') / family
+    hf, ours = make(path)
+    out[family] = (hf, str(path), ours)
+  return out
+
+
+def _inputs(family):
+  rng = np.random.default_rng(0)
+  if family == 'vit':
+    return (rng.standard_normal((2, 32, 32, 3)).astype(np.float32),)
+  vocab = {'bert': 99, 'gpt2': 300, 'llama': 260}[family]
+  ids = rng.integers(5, vocab, (2, 9)).astype(np.int32)
+  mask = np.ones_like(ids)
+  if family == 'bert':
+    mask[1, 6:] = 0  # a padded row: the encoder masks it
+  return ids, mask
+
+
+def _theirs(torch_model, family, inputs):
+  import torch
+  with torch.no_grad():
+    if family == 'vit':
+      x = torch.from_numpy(np.ascontiguousarray(inputs[0].transpose(0, 3, 1, 2)))
+      return torch_model(pixel_values=x).logits.numpy()
+    ids, mask = (torch.from_numpy(a.astype(np.int64)) for a in inputs)
+    return torch_model(input_ids=ids, attention_mask=mask).logits.numpy()
+
+
+def _ours(module, params, inputs):
+  return np.asarray(jax.jit(module.apply)({'params': params}, *inputs)['logits'])
+
+
+def _peft_config(method='lora', **lora_kw):
+  c = base_config.get_config().peft
+  c.method = method
+  c.lora.update(lora_kw)
+  return c
+
+
+def _randomise(params, seed=1):
+  """Non-zero B, moved DoRA magnitudes and a new head, so every mapping shows."""
+  rng = np.random.default_rng(seed)
+  flat = paths.flatten(params)
+  for p, v in flat.items():
+    if p.endswith('/' + lora.B) or p.startswith('head/'):
+      flat[p] = jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype)
+    elif p.endswith('/' + lora.MAGNITUDE):
+      flat[p] = v * jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype)
+  return paths.unflatten(flat)
+
+
+def _hf_class(family):
+  import transformers
+  return getattr(transformers, {'bert': 'BertForSequenceClassification',
+                                'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM',
+                                'vit': 'ViTForImageClassification'}[family])
+
+
+# family, method, our options: targets include GPT-2's fused Conv1D and ViT's patch conv.
+EXPORT_CASES = [
+    # Not every query: target_modules lists full module names; one rank differs.
+    ('bert', 'lora', dict(rank=4, alpha=8.0, targets=('layer_0/attention/self/query$', 'value$'),
+                          rank_overrides=(('layer_1/.*value', 2),))),
+    ('bert', 'dora', dict(rank=4, alpha=8.0, rslora=True)),
+    ('gpt2', 'dora', dict(rank=4, alpha=8.0)),
+    ('llama', 'lora', dict(rank=4, alpha=16.0, targets=('q_proj', 'v_proj', 'down_proj'))),
+    ('vit', 'dora', dict(rank=2, alpha=4.0, targets=('attention/(query|value)$', '^embedding$'))),
+]
+
+
+@pytest.mark.parametrize('family, method, options', EXPORT_CASES,
+                         ids=[f'{f}-{m}' for f, m, _ in EXPORT_CASES])
+def test_export_loads_in_peft_and_transformers(zoo, tmp_path, family, method, options):
+  from peft import PeftModel
+  hf, hf_path, model = zoo[family]
+  adapted = peft.adapt(model, _peft_config(method, **options))
+  params = _randomise(adapted.params)
+  inputs = _inputs(family)
+  ours = _ours(adapted.module, params, inputs)
+  assert np.abs(ours - _theirs(hf, family, inputs)).max() > 1e-2, 'the adapter shows'
+
+  out = tmp_path / 'peft'
+  hf_format.save_peft(model, adapted, params, str(out), method=method, base_model=hf_path)
+  loaded = PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
+  assert np.abs(_theirs(loaded, family, inputs) - ours).max() <= TOL
+  # PEFT saves back exactly the tensor names we wrote, with the same values.
+  loaded.save_pretrained(str(tmp_path / 'resaved'))
+  ours_file = safetensors.numpy.load_file(str(out / hf_format.PEFT_WEIGHTS))
+  theirs_file = safetensors.numpy.load_file(str(tmp_path / 'resaved' / hf_format.PEFT_WEIGHTS))
+  assert sorted(ours_file) == sorted(theirs_file)
+  for key, value in ours_file.items():
+    np.testing.assert_allclose(theirs_file[key], value, rtol=0, atol=1e-7, err_msg=key)
+  ours_config, theirs_config = (json.loads((d / hf_format.PEFT_CONFIG).read_text())
+                                for d in (out, tmp_path / 'resaved'))
+  for key in ('r', 'lora_alpha', 'use_dora', 'use_rslora', 'rank_pattern', 'task_type'):
+    assert ours_config[key] == theirs_config[key], key
+  assert sorted(ours_config['target_modules']) == sorted(theirs_config['target_modules'])
+
+  merged = tmp_path / 'merged'
+  hf_format.save_merged(model, adapted, params, str(merged), method=method)
+  reloaded = _hf_class(family).from_pretrained(str(merged)).eval()
+  assert np.abs(_theirs(reloaded, family, inputs) - ours).max() <= TOL
+  back = models.load_pretrained(str(merged), **({'pooling': 'pooler'} if family == 'bert' else {}))
+  assert np.abs(_ours(back.module, back.params, inputs) - ours).max() <= TOL
+
+
+def _hf_targets(family):
+  if family == 'vit':
+    return ['q_proj', 'v_proj'] if _transformers_v5() else ['query', 'value']
+  return {'bert': ['query', 'value'], 'gpt2': ['c_attn'], 'llama': ['q_proj', 'v_proj']}[family]
+
+
+IMPORT_CASES = [('bert', False), ('gpt2', True), ('llama', False), ('vit', True)]
+
+
+@pytest.mark.parametrize('family, dora', IMPORT_CASES,
+                         ids=[f'{f}-{"dora" if d else "lora"}' for f, d in IMPORT_CASES])
+def test_peft_made_adapter_imports(zoo, tmp_path, family, dora):
+  import torch
+  from peft import LoraConfig, get_peft_model
+  hf, _, model = zoo[family]
+  head = ['classifier'] if family in ('bert', 'vit') else None
+  config = LoraConfig(r=4, lora_alpha=8, target_modules=_hf_targets(family), use_dora=dora,
+                      init_lora_weights=False, modules_to_save=head,
+                      fan_in_fan_out=family == 'gpt2')
+  torch.manual_seed(3)
+  theirs = get_peft_model(copy.deepcopy(hf), config).eval()
+  with torch.no_grad():
+    for name, p in theirs.named_parameters():
+      if 'lora_magnitude_vector' in name or 'modules_to_save' in name:
+        p.mul_(torch.rand_like(p) + 0.5)
+  theirs.save_pretrained(str(tmp_path))
+  inputs = _inputs(family)
+  expected = _theirs(theirs, family, inputs)
+  assert np.abs(expected - _theirs(hf, family, inputs)).max() > 1e-2
+
+  adapted = peft.adapt(model, _peft_config('dora' if dora else 'lora', rank=4, alpha=8.0))
+  loaded = hf_format.load_adapter(adapted, model, str(tmp_path))
+  assert np.abs(_ours(loaded.module, loaded.params, inputs) - expected).max() <= TOL
+  if family == 'vit' and _transformers_v5():  # transformers 4 named ViT's modules otherwise
+    old = tmp_path / 'v4'
+    old.mkdir()
+    (old / hf_format.PEFT_CONFIG).write_text((tmp_path / hf_format.PEFT_CONFIG).read_text())
+    renames = (('.layers.', '.encoder.layer.'), ('attention.q_proj', 'attention.attention.query'),
+               ('attention.v_proj', 'attention.attention.value'))
+    tensors = {}
+    for key, value in safetensors.numpy.load_file(
+        str(tmp_path / hf_format.PEFT_WEIGHTS)).items():
+      for new, previous in renames:
+        key = key.replace(new, previous)
+      tensors[key] = value
+    assert any('attention.attention.query' in k for k in tensors)
+    safetensors.numpy.save_file(tensors, str(old / hf_format.PEFT_WEIGHTS))
+    again = hf_format.load_adapter(adapted, model, str(old))
+    for p, v in paths.flatten(loaded.params).items():
+      np.testing.assert_array_equal(paths.flatten(again.params)[p], v, err_msg=p)
+  # Only the adapter and the head changed.
+  before, after = paths.flatten(adapted.params), paths.flatten(loaded.params)
+  changed = {p for p in before if not np.array_equal(before[p], after[p])}
+  assert changed and changed <= adapted.trainable
+
+
+def test_our_adapter_format_round_trips(zoo, tmp_path):
+  _, _, model = zoo['bert']
+  cfg = _peft_config('lora', rank=4)
+  adapted = peft.adapt(model, cfg)
+  params = _randomise(adapted.params)
+  hf_format.save_adapter(model, adapted, params, str(tmp_path), method='lora', base_model='x')
+  saved = safetensors.numpy.load_file(str(tmp_path / hf_format.OUR_WEIGHTS))
+  assert set(saved) == adapted.trainable
+  loaded = hf_format.load_adapter(peft.adapt(model, cfg), model, str(tmp_path))
+  for p, v in paths.flatten(params).items():
+    np.testing.assert_array_equal(paths.flatten(loaded.params)[p], v, err_msg=p)
+  with pytest.raises(ValueError, match=r"LoRA options \{'alpha': 16.0.*this run uses LoRA "
+                     r"options \{'alpha': 4.0"):
+    hf_format.load_adapter(peft.adapt(model, _peft_config(rank=4, alpha=4.0)), model,
+                           str(tmp_path))
+  gpt2 = zoo['gpt2'][2]
+  with pytest.raises(ValueError, match=r"made for a base model whose trainable params \(bert, "
+                     r"pretrained='x', method='lora'\).*this run trains \['h_0/attn"):
+    hf_format.load_adapter(peft.adapt(gpt2, cfg), gpt2, str(tmp_path))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.fixture(scope='module')
+def bert_adapter(zoo, tmp_path_factory):
+  """A PEFT LoRA adapter (r=4, alpha 8, query+value, classifier) for the HF BERT."""
+  _, _, model = zoo['bert']
+  adapted = peft.adapt(model, _peft_config('lora', rank=4, alpha=8.0))
+  path = tmp_path_factory.mktemp('adapter') / 'bert'
+  hf_format.save_peft(model, adapted, _randomise(adapted.params), str(path), method='lora')
+  return str(path)
+
+
+def test_mismatched_adapters_are_refused_by_name(zoo, bert_adapter):
+  bert, gpt2 = zoo['bert'][2], zoo['gpt2'][2]
+  cases = [
+      (gpt2, _peft_config('lora', rank=4, alpha=8.0),
+       r'made for a base model whose adapted modules are .*bert\.encoder\.layer\.\*\.attention'
+       r".*this run's model \(gpt2\) has no module .*--config.pretrained"),
+      (bert, _peft_config('lora', rank=8, alpha=8.0),
+       r'has LoRA ranks .*4.*this run uses ranks .*8.*--config.peft.lora.rank=4'),
+      (bert, _peft_config('lora', rank=4, alpha=16.0),
+       r'lora_alpha=8 but this run peft.lora.alpha=16.*--config.peft.lora.alpha=8'),
+      (bert, _peft_config('lora', rank=4, alpha=8.0, targets=('query',)),
+       r"adapts \['layer_\*/attention/self/query'\].*targets=\"\('query\$', 'value\$'\)"),
+      (bert, _peft_config('dora', rank=4, alpha=8.0),
+       r'LoRA adapter; set --config.peft.method=lora'),
+      (bert, _peft_config('full'), r'LoRA adapter; set --config.peft.method=lora'),
+  ]
+  for model, cfg, message in cases:
+    with pytest.raises(ValueError, match=message):
+      hf_format.load_adapter(peft.adapt(model, cfg), model, bert_adapter)
+  headless = models.load_pretrained(zoo['bert'][1], num_classes=0, pooling='pooler')
+  with pytest.raises(ValueError, match=r'trained classifier \(3 classes\).*num_classes=3'):
+    hf_format.load_adapter(peft.adapt(headless, _peft_config(rank=4, alpha=8.0)), headless,
+                           bert_adapter)
+  with pytest.raises(ValueError, match='not an adapter dir'):
+    hf_format.load_adapter(peft.adapt(bert, _peft_config()), bert, zoo['bert'][1])
+
+
+def test_formats_refuse_what_they_cannot_hold(zoo, tmp_path):
+  _, _, model = zoo['bert']
+  full = peft.adapt(model, _peft_config('full'))
+  with pytest.raises(ValueError, match="'full' trains no adapter.*--format merged"):
+    hf_format.save_peft(model, full, full.params, str(tmp_path), method='full')
+  with pytest.raises(ValueError, match="--format peft is not supported yet for "
+                     "peft.method='ia3'"):
+    hf_format.save_peft(model, full, full.params, str(tmp_path), method='ia3')
+  with pytest.raises(ValueError, match="--format merged is not supported yet for "
+                     "peft.method='prompt_tuning'"):
+    hf_format.merged_params(full, full.params, method='prompt_tuning')
+  resnet = models.load_pretrained('resnet-tiny', num_classes=3)
+  with pytest.raises(ValueError, match="family 'resnet' has no Hugging Face layout"):
+    hf_format.save_merged(resnet, peft.adapt(resnet, _peft_config('full')), resnet.params,
+                          str(tmp_path), method='full')
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def test_cli_exports_a_trained_run(zoo, tmp_path):
+  """A PEFT adapter -> peft.init_from -> train_and_evaluate -> python -m
+  finetune_jax.export -> PEFT and transformers give our outputs."""
+  import torch
+  from peft import LoraConfig, PeftModel, get_peft_model
+  from transformers import BertForSequenceClassification
+  _, hf_path, _ = zoo['bert']
+
+  def base():  # the HF BERT with a new 8-class classifier
+    labels = {i: f'LABEL_{i}' for i in range(8)}
+    return BertForSequenceClassification.from_pretrained(
+        hf_path, id2label=labels, label2id={v: k for k, v in labels.items()},
+        ignore_mismatched_sizes=True).eval()
+
+  torch.manual_seed(4)
+  start = get_peft_model(base(), LoraConfig(
+      r=2, lora_alpha=16, target_modules=['query', 'value'], use_dora=True,
+      init_lora_weights=False, modules_to_save=['classifier']))
+  start.save_pretrained(str(tmp_path / 'start'))
+  config = minilm_fortunes.get_config('smoke')
+  config.unlock()
+  config.pretrained = hf_path
+  config.num_classes = 8
+  config.text.pooling = 'pooler'
+  config.text.max_length = 32
+  config.batch_size, config.eval_batch_size = 8, 512
+  config.total_steps = config.checkpoint_every = 2
+  config.peft.method = 'dora'
+  config.peft.lora.rank = 2
+  config.peft.init_from = str(tmp_path / 'start')
+  config.lock()
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+
+  out = tmp_path / 'peft'
+  subprocess.run([sys.executable, '-m', 'finetune_jax.export', '--workdir', workdir,
+                  '--format', 'peft', '--out', str(out)], check=True, cwd=ROOT,
+                 env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True)
+  adapter_config = json.loads((out / hf_format.PEFT_CONFIG).read_text())
+  assert adapter_config['use_dora'] and adapter_config['modules_to_save'] == ['classifier']
+  assert adapter_config['base_model_name_or_path'] == hf_path
+  # Training started from the adapter: two small steps away from it, not from B = 0.
+  started = safetensors.numpy.load_file(str(tmp_path / 'start' / hf_format.PEFT_WEIGHTS))
+  trained = safetensors.numpy.load_file(str(out / hf_format.PEFT_WEIGHTS))
+  assert sorted(started) == sorted(trained)
+  moved = max(np.abs(trained[k] - started[k]).max() for k in started)
+  b = next(k for k in started if 'lora_B' in k)
+  assert 0 < moved < 0.02 and np.abs(started[b]).max() > 0.1, moved
+
+  read = export.read_config(workdir)
+  model, adapted, params, step = export.restore(workdir, read)
+  assert step == 2
+  inputs = _inputs('bert')
+  ours = _ours(adapted.module, params, inputs)
+  loaded = PeftModel.from_pretrained(base(), str(out)).eval()
+  assert np.abs(_theirs(loaded, 'bert', inputs) - ours).max() <= TOL
+
+  export.export(workdir, 'merged', str(tmp_path / 'merged'))
+  merged = BertForSequenceClassification.from_pretrained(str(tmp_path / 'merged')).eval()
+  assert np.abs(_theirs(merged, 'bert', inputs) - ours).max() <= TOL
+
+  # The adapter alone; init_from takes either format.
+  export.export(workdir, 'adapter', str(tmp_path / 'adapter'))
+  for source in (tmp_path / 'adapter', out):
+    again = hf_format.load_adapter(train.build_model(read)[1], model, str(source))
+    assert np.abs(_ours(again.module, again.params, inputs) - ours).max() <= TOL
