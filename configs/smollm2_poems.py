@@ -11,7 +11,10 @@ held-out perplexity before ('initial') and after ('final').
 
   python -m finetune_jax.main --config configs/smollm2_poems.py --workdir runs/smollm2_poems
 
-Measured: RESULT. `:smoke` runs a few steps.
+Measured through this command (2 CPU cores, shared with other jobs): held-out
+perplexity 65.64 -> 44.22 (-32.6%; 45.76 at step 30), token accuracy 0.313 ->
+0.338, 26% of the parameters training, `wall_s` 1268 s. `:smoke` runs a few
+steps.
 """
 import ml_collections
 
