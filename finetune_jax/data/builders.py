@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -92,6 +93,22 @@ def extract_deb(package: str, target: str, cache_dir: str) -> None:
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+
+
+def read_build_record(path: str) -> dict | None:
+  """A JSON record written by `write_build_record`, or None if absent or torn."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def write_build_record(path: str, record: dict) -> None:
+  """Written last and atomically: its presence marks a complete build."""
+  with open(path + '.tmp', 'w') as f:
+    json.dump(record, f, indent=1)
+  os.replace(path + '.tmp', path)
 
 
 def copy_atomically(source: str, target: str) -> None:

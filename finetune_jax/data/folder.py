@@ -415,19 +415,10 @@ def prepare_folder(name: str, data_dir: str,
 
 def _read_source(version_dir: str) -> dict | None:
   """The record of the last complete build, or None."""
-  path = os.path.join(version_dir, SOURCE_FILE)
   if not os.path.exists(os.path.join(version_dir, 'dataset_info.json')):
     return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+  return builders.read_build_record(os.path.join(version_dir, SOURCE_FILE))
 
 
 def _write_source(version_dir: str, record: dict) -> None:
-  """Written last and atomically: its presence marks a complete build."""
-  path = os.path.join(version_dir, SOURCE_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=1)
-  os.replace(path + '.tmp', path)
+  builders.write_build_record(os.path.join(version_dir, SOURCE_FILE), record)

@@ -56,6 +56,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from finetune_jax.data import builders
 from finetune_jax.data import pipeline
 
 Batch = dict[str, np.ndarray]
@@ -382,18 +383,11 @@ def _quiet_tfds():
 
 
 def _read_source(version_dir: str) -> dict | None:
-  try:
-    with open(os.path.join(version_dir, SOURCE_FILE)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+  return builders.read_build_record(os.path.join(version_dir, SOURCE_FILE))
 
 
 def _write_source(version_dir: str, record: dict) -> None:
-  path = os.path.join(version_dir, SOURCE_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=1)
-  os.replace(path + '.tmp', path)
+  builders.write_build_record(os.path.join(version_dir, SOURCE_FILE), record)
 
 
 # --------------------------------------------------------------- lengths
