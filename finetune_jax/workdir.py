@@ -9,6 +9,8 @@ import os
 
 import tensorboardX
 
+from finetune_jax import base_config
+
 # Keys that fix the model, method, data or shapes of a run. Changing one
 # makes the checkpoints in the workdir meaningless; `total_steps` and the
 # like may change, which is how a finished run is extended.
@@ -16,10 +18,25 @@ IDENTITY_KEYS = ('pretrained', 'dataset', 'task', 'num_classes', 'image_size',
                  'text.pooling', 'dont_load', 'peft', 'optimizer.name')
 
 
+_ABSENT = object()
+
+
 def _get(config: dict, dotted: str):
   for part in dotted.split('.'):
-    config = config.get(part) if isinstance(config, dict) else None
+    config = config.get(part, _ABSENT) if isinstance(config, dict) else _ABSENT
   return config
+
+
+def _leaves(key: str, value) -> dict:
+  """{'peft.lora.rank': 8, ...}: a config subtree as dotted leaves."""
+  if value is _ABSENT:
+    return {}
+  if not isinstance(value, dict):
+    return {key: value}
+  out = {}
+  for name, child in value.items():
+    out.update(_leaves(f'{key}.{name}', child))
+  return out
 
 
 def _json_roundtrip(value):
@@ -34,8 +51,19 @@ def check_compatible(workdir: str, config) -> None:
   with open(path) as f:
     old = json.load(f)
   new = _json_roundtrip(config.to_dict())
-  diffs = [f'{k}: {_get(old, k)!r} -> {_get(new, k)!r}'
-           for k in IDENTITY_KEYS if _get(old, k) != _get(new, k)]
+  default = _json_roundtrip(base_config.get_config().to_dict())
+  old_leaves, new_leaves, default_leaves = {}, {}, {}
+  for key in IDENTITY_KEYS:
+    old_leaves.update(_leaves(key, _get(old, key)))
+    new_leaves.update(_leaves(key, _get(new, key)))
+    default_leaves.update(_leaves(key, _get(default, key)))
+  # A field the run's config.json lacks was added to the code after the run,
+  # which then ran as its default does.
+  for key, value in default_leaves.items():
+    old_leaves.setdefault(key, value)
+  diffs = [f'{k}: {old_leaves.get(k)!r} -> {new_leaves.get(k)!r}'
+           for k in sorted(old_leaves.keys() | new_leaves.keys())
+           if old_leaves.get(k) != new_leaves.get(k)]
   if diffs:
     raise ValueError(
         f'{workdir} holds a run with an incompatible config ({"; ".join(diffs)}). '

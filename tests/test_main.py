@@ -109,9 +109,26 @@ def test_longer_total_steps_extends_a_finished_run(tmp_path):
   assert final_params(tmp_path)[1] == 4
 
 
+def test_a_run_older_than_new_config_fields_still_resumes(tmp_path):
+  """Fields added to the code later (absent from config.json) keep their defaults."""
+  train.train_and_evaluate(tiny_config(total_steps=2, eval_every=2), str(tmp_path))
+  path = tmp_path / 'config.json'
+  old = json.loads(path.read_text())
+  del old['peft']['lora'], old['text']
+  path.write_text(json.dumps(old))
+  results = train.train_and_evaluate(tiny_config(total_steps=3, eval_every=3), str(tmp_path))
+  assert results['steps'] == 3
+  changed = tiny_config(total_steps=4)
+  changed.unlock()
+  changed.text.pooling = 'mean'  # absent from the old run: it ran with 'cls'
+  with pytest.raises(ValueError, match=r"text.pooling: 'cls' -> 'mean'"):
+    train.train_and_evaluate(changed, str(tmp_path))
+
+
 @pytest.mark.parametrize('override, message', [
     ({'pretrained': 'efficientnet-lite0'}, r"pretrained: 'efficientnet-lite-tiny' -> 'efficientnet-lite0'"),
-    ({'peft': {'method': 'full', 'num_frozen_blocks': 2, 'freeze': ()}}, r"peft"),
+    ({'peft': {'method': 'full', 'num_frozen_blocks': 2, 'freeze': ()}},
+     r"peft.method: 'partial' -> 'full'"),
     ({'image_size': 48}, r'image_size: 32 -> 48'),
 ])
 def test_incompatible_workdir_is_refused_untouched(tmp_path, override, message):
