@@ -20,13 +20,12 @@ pooling); 'pooler' the pooler's output, which is what HF
 BertForSequenceClassification feeds its classifier, so fine-tuned HF
 classifiers load with identical logits.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from finetune_jax.models import attention
 from finetune_jax.models import host_init
@@ -131,13 +130,8 @@ def build(config: dict) -> 'BertEncoder':
 
 
 def param_shapes(module: 'BertEncoder') -> dict:
-  """Flat {path: ShapeDtypeStruct}, without running anything.
-
-  (host_init.param_shapes feeds a float dummy; embeddings need integer ids.)
-  """
-  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), ids)['params']
-  return traverse_util.flatten_dict(dict(shapes), sep='/')
+  """Flat {path: ShapeDtypeStruct}, without running anything."""
+  return host_init.param_shapes(module, (1, 1), jnp.int32)
 
 
 def _host_value(path: str, shape, dtype, seed: int, pad_token_id: int | None) -> np.ndarray:
@@ -157,9 +151,8 @@ def _host_value(path: str, shape, dtype, seed: int, pad_token_id: int | None) ->
 
 def init_params(module: 'BertEncoder', seed: int = 0, pad_token_id: int | None = 0) -> dict:
   """Initial params drawn on the host with numpy (compiling `module.init` is slow)."""
-  return traverse_util.unflatten_dict(
-      {p: jnp.asarray(_host_value(p, s.shape, s.dtype, seed, pad_token_id))
-       for p, s in param_shapes(module).items()}, sep='/')
+  value = functools.partial(_host_value, pad_token_id=pad_token_id)
+  return host_init.init_params(module, (1, 1), value, seed, jnp.int32)
 
 
 # ------------------------------------------------------------------- modules

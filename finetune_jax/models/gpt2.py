@@ -18,13 +18,12 @@ The decoder contract (shared with Llama, relied on by `generate`):
         cache=None, train=False) -> {'logits', 'last_hidden_state'[, 'cache']}
 See models/attention.py for the cache layout.
 """
+import functools
 import math
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from finetune_jax.models import attention
 from finetune_jax.models import host_init
@@ -140,16 +139,13 @@ def _host_value(path: str, shape, dtype, seed: int, num_layers: int) -> np.ndarr
 
 def param_shapes(module: 'GPT2') -> dict:
   """Flat {path: ShapeDtypeStruct}, without running anything."""
-  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), ids)['params']
-  return traverse_util.flatten_dict(dict(shapes), sep='/')
+  return host_init.param_shapes(module, (1, 1), jnp.int32)
 
 
 def init_params(module: 'GPT2', seed: int = 0) -> dict:
   """Initial params drawn on the host with numpy (compiling `module.init` is slow)."""
-  return traverse_util.unflatten_dict(
-      {p: jnp.asarray(_host_value(p, s.shape, s.dtype, seed, module.num_layers))
-       for p, s in param_shapes(module).items()}, sep='/')
+  value = functools.partial(_host_value, num_layers=module.num_layers)
+  return host_init.init_params(module, (1, 1), value, seed, jnp.int32)
 
 
 # ------------------------------------------------------------------- modules

@@ -47,14 +47,18 @@ def batchnorm_conv_constant(path: str, shape, dtype):
   return None
 
 
-def param_shapes(module, input_shape) -> dict:
-  """Flat {path: ShapeDtypeStruct} of `module`'s params, computing nothing."""
-  dummy = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+def param_shapes(module, input_shape, input_dtype=jnp.float32) -> dict:
+  """Flat {path: ShapeDtypeStruct} of `module`'s params, computing nothing.
+
+  input_dtype: of the dummy input; int32 for token ids (embeddings need ints).
+  """
+  dummy = jax.ShapeDtypeStruct(tuple(input_shape), input_dtype)
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy)['params']
   return traverse_util.flatten_dict(dict(shapes), sep='/')
 
 
-def init_params(module, input_shape, value: Callable, seed: int) -> dict:
+def init_params(module, input_shape, value: Callable, seed: int,
+                input_dtype=jnp.float32) -> dict:
   return traverse_util.unflatten_dict(
       {p: jnp.asarray(value(p, s.shape, s.dtype, seed))
-       for p, s in param_shapes(module, input_shape).items()}, sep='/')
+       for p, s in param_shapes(module, input_shape, input_dtype).items()}, sep='/')

@@ -28,6 +28,7 @@ Call contract (shared by the decoders, see models/attention.py for the cache):
   -> {'logits' [B, T, V] float32, 'last_hidden_state' [B, T, D] (after the
       final norm, as HF's), 'cache' (only when a cache was given)}.
 """
+import functools
 import math
 from typing import Any
 
@@ -35,7 +36,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from finetune_jax.models import attention
 from finetune_jax.models import host_init
@@ -162,9 +162,7 @@ def build(config: dict) -> 'LlamaForCausalLM':
 
 def param_shapes(module: 'LlamaForCausalLM') -> dict:
   """Flat {path: ShapeDtypeStruct}, computing nothing."""
-  dummy = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy)['params']
-  return traverse_util.flatten_dict(dict(shapes), sep='/')
+  return host_init.param_shapes(module, (1, 1), jnp.int32)
 
 
 def _host_value(path: str, shape, dtype, seed: int, std: float) -> np.ndarray:
@@ -182,9 +180,8 @@ def _host_value(path: str, shape, dtype, seed: int, std: float) -> np.ndarray:
 
 def init_params(module: 'LlamaForCausalLM', seed: int = 0) -> dict:
   """Initial params drawn on the host with numpy (compiling `module.init` is slow)."""
-  return traverse_util.unflatten_dict(
-      {p: jnp.asarray(_host_value(p, s.shape, s.dtype, seed, module.initializer_range))
-       for p, s in param_shapes(module).items()}, sep='/')
+  value = functools.partial(_host_value, std=module.initializer_range)
+  return host_init.init_params(module, (1, 1), value, seed, jnp.int32)
 
 
 # ------------------------------------------------------------------- modules
