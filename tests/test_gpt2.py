@@ -1,15 +1,14 @@
 """GPT-2: parameter counts, HF parity, the KV cache, checkpoint layouts, bad input."""
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 from flax import traverse_util
 
 from finetune_jax import models
+from hf_files import copy_hf_dir
 from finetune_jax.convert import gpt2 as convert_gpt2
 from finetune_jax.models import attention
 from finetune_jax.models import gpt2
@@ -255,45 +254,34 @@ def test_sharded_safetensors_and_vocab_merges_tokenizer(hf_dir, ours, tmp_path):
 # ------------------------------------------------------------------ bad input
 
 
-def _copy_dir(src, dst, edit=None, config=None):
-  shutil.copytree(src, dst)
-  if edit:
-    tensors = safetensors.numpy.load_file(str(dst / 'model.safetensors'))
-    safetensors.numpy.save_file(edit(tensors), str(dst / 'model.safetensors'))
-  if config:
-    hf_config = json.loads((dst / 'config.json').read_text())
-    (dst / 'config.json').write_text(json.dumps({**hf_config, **config}))
-  return str(dst)
-
-
 def test_bad_checkpoints_fail_loudly(hf_dir, ours, tmp_path):
   src = hf_dir[0]
   with pytest.raises(ValueError, match='causal LMs keep their LM head'):
     models.load_pretrained(str(src), num_classes=2)
   # Old checkpoints' causal-mask buffers are skipped; other extras are errors.
-  buffers = _copy_dir(src, tmp_path / 'buffers', edit=lambda t: {
+  buffers = copy_hf_dir(src, tmp_path / 'buffers', edit=lambda t: {
       **t, 'transformer.h.0.attn.bias': np.tril(np.ones((1, 1, 64, 64), np.float32)),
       'transformer.h.1.attn.masked_bias': np.array(-1e4, np.float32)})
   np.testing.assert_array_equal(models.load_pretrained(buffers).params['wte']['embedding'],
                                 ours.params['wte']['embedding'])
-  extra = _copy_dir(src, tmp_path / 'extra', edit=lambda t: {
+  extra = copy_hf_dir(src, tmp_path / 'extra', edit=lambda t: {
       **t, 'transformer.h.0.attn.q_attn.weight': np.zeros((32, 32), np.float32)})
   with pytest.raises(ValueError, match=r"1 tensors have no GPT-2 parameter: \['transformer.h.0.attn.q_attn.weight'\]"):
     models.load_pretrained(extra)
-  missing = _copy_dir(src, tmp_path / 'missing', edit=lambda t: {
+  missing = copy_hf_dir(src, tmp_path / 'missing', edit=lambda t: {
       k: v for k, v in t.items() if 'h.1.mlp.c_fc' not in k})
   with pytest.raises(ValueError, match=r"lacks 2 parameters .*'h_1/mlp/c_fc/"):
     models.load_pretrained(missing)
-  head = _copy_dir(src, tmp_path / 'head', edit=lambda t: {
+  head = copy_hf_dir(src, tmp_path / 'head', edit=lambda t: {
       **t, 'lm_head.weight': np.ones((300, 32), np.float32)})
   with pytest.raises(ValueError, match='"tie_word_embeddings": false'):
     models.load_pretrained(head)
   with pytest.raises(ValueError, match='add_cross_attention'):
-    models.load_pretrained(_copy_dir(src, tmp_path / 'cross', config={'add_cross_attention': True}))
+    models.load_pretrained(copy_hf_dir(src, tmp_path / 'cross', config={'add_cross_attention': True}))
   with pytest.raises(ValueError, match='activation=.swiglu. is not supported'):
-    models.load_pretrained(_copy_dir(src, tmp_path / 'act', config={'activation_function': 'swiglu'}))
+    models.load_pretrained(copy_hf_dir(src, tmp_path / 'act', config={'activation_function': 'swiglu'}))
   # A tokenizer with more ids (306) than the model embeds (300).
-  big = _copy_dir(src, tmp_path / 'big_tokenizer')
+  big = copy_hf_dir(src, tmp_path / 'big_tokenizer')
   tokenization.byte_level_tokenizer([f'<extra_{i}>' for i in range(50)]).save(
       f'{big}/tokenizer.json')
   with pytest.raises(ValueError, match='has 306 ids but the model embeds only 300'):

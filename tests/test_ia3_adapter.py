@@ -10,15 +10,14 @@ import pytest
 
 from finetune_jax import base_config
 from finetune_jax import models
-from finetune_jax import optim
 from finetune_jax import peft
 from finetune_jax import tasks
 from finetune_jax.peft import adapter
 from finetune_jax.peft import ia3
 from finetune_jax.peft import paths
 # The zoo fixtures and the batch and training helpers LoRA's tests drive make_train_step with.
-from test_lora import (_train, hf_bert, image_batch, inputs_for, output,  # noqa: F401
-                       text_batch, zoo)
+from test_lora import (_train, assert_only_trainable_moved, hf_bert,  # noqa: F401
+                       image_batch, inputs_for, output, text_batch, zoo)
 
 FAMILIES = ('bert-tiny', 'gpt2-tiny', 'llama-tiny', 'vit-tiny')
 
@@ -115,15 +114,7 @@ def test_training_moves_only_the_new_params_and_head(zoo, case):
   head = ({p for p in before if p.startswith(model.head + '/')}
           if model.config.get('num_classes') else set())
   assert adapted.trainable == {p for p in before if is_new(p)} | head
-  for p, v in before.items():
-    if p in adapted.trainable:
-      assert not np.array_equal(after[p], v), f'{p} did not train'
-    else:
-      np.testing.assert_array_equal(after[p], v, err_msg=p)  # frozen: bit-identical
-  # Optimizer state only for trainable leaves: Adam's mu and nu, nothing else sized.
-  state_shapes = sorted(x.shape for x in jax.tree.leaves(state['opt_state']) if x.ndim)
-  assert state_shapes == sorted([v.shape for v in paths.flatten(state['trainable']).values()] * 2)
-  assert optim.state_bytes(state['opt_state']) < 3 * 4 * paths.count(state['trainable'])
+  assert_only_trainable_moved(adapted, state, before, after)
 
 
 # ------------------------------------------------------------------ counts

@@ -237,12 +237,17 @@ def test_training_moves_only_lora_and_head_and_lowers_the_loss(zoo, alias):
   lora_leaves = {p for p in before if p.rsplit('/', 1)[-1] in lora.LEAVES}
   head = {p for p in before if p.startswith(model.head + '/')} if alias != 'gpt2-tiny' else set()
   assert adapted.trainable == lora_leaves | head
+  assert_only_trainable_moved(adapted, state, before, after)
+
+
+def assert_only_trainable_moved(adapted, state, before, after):
+  """Every trainable leaf changed, every frozen one is bit-identical, and the
+  optimizer holds state (Adam's mu and nu) for the trainable leaves alone."""
   for p, v in before.items():
     if p in adapted.trainable:
       assert not np.array_equal(after[p], v), f'{p} did not train'
     else:
       np.testing.assert_array_equal(after[p], v, err_msg=p)  # frozen: bit-identical
-  # Optimizer state only for trainable leaves: Adam's mu and nu, nothing else sized.
   state_shapes = sorted(x.shape for x in jax.tree.leaves(state['opt_state']) if x.ndim)
   assert state_shapes == sorted([v.shape for v in paths.flatten(state['trainable']).values()] * 2)
   assert optim.state_bytes(state['opt_state']) < 3 * 4 * paths.count(state['trainable'])

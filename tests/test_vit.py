@@ -2,16 +2,15 @@
 import importlib.util
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 from flax import traverse_util
 
 from finetune_jax import models
+from hf_files import copy_hf_dir
 from finetune_jax.convert import vit as convert_vit
 from finetune_jax.convert.hf_dir import CheckpointFileError
 from finetune_jax.models import vit
@@ -319,40 +318,29 @@ def test_resized_model_runs_at_the_new_resolution(ours, hf_classifier):
 # ------------------------------------------------------------------ bad input
 
 
-def _copy_dir(src, dst, edit=None, config=None):
-  shutil.copytree(src, dst)
-  if edit:
-    tensors = safetensors.numpy.load_file(str(dst / 'model.safetensors'))
-    safetensors.numpy.save_file(edit(tensors), str(dst / 'model.safetensors'))
-  if config:
-    hf_config = json.loads((dst / 'config.json').read_text())
-    (dst / 'config.json').write_text(json.dumps({**hf_config, **config}))
-  return str(dst)
-
-
 def test_bad_hf_dirs_fail_loudly(hf_classifier, tmp_path):
   src = hf_classifier[0]
-  truncated = _copy_dir(src, tmp_path / 'truncated')
+  truncated = copy_hf_dir(src, tmp_path / 'truncated')
   weights = os.path.join(truncated, 'model.safetensors')
   with open(weights, 'r+b') as f:
     f.truncate(os.path.getsize(weights) // 2)
   with pytest.raises(CheckpointFileError, match='model.safetensors is not a readable'):
     models.load_pretrained(truncated)
-  no_block = _copy_dir(src, tmp_path / 'no_block', edit=lambda t: {
+  no_block = copy_hf_dir(src, tmp_path / 'no_block', edit=lambda t: {
       k: v for k, v in t.items() if '.layer.1.' not in k})
   with pytest.raises(ValueError, match=r"no_block lacks 16 parameters .*'encoderblock_1/"):
     models.load_pretrained(no_block)
-  shape = _copy_dir(src, tmp_path / 'shape', config={'intermediate_size': 48})
+  shape = copy_hf_dir(src, tmp_path / 'shape', config={'intermediate_size': 48})
   with pytest.raises(ValueError, match=r'Shape mismatch .*encoderblock_0/mlp/fc1/kernel: '
                                        r'\(32, 64\) in .*shape vs \(32, 48\)'):
     models.load_pretrained(shape)
-  extra = _copy_dir(src, tmp_path / 'extra', edit=lambda t: {
+  extra = copy_hf_dir(src, tmp_path / 'extra', edit=lambda t: {
       **t, 'vit.embeddings.mask_token': np.zeros((1, 1, 32), np.float32)})
   with pytest.raises(ValueError, match=r"1 tensors have no ViT parameter: \['vit.embeddings.mask_token'\]"):
     models.load_pretrained(extra)
   with pytest.raises(ValueError, match='hidden_act=.relu. is not supported'):
-    models.load_pretrained(_copy_dir(src, tmp_path / 'relu', config={'hidden_act': 'relu'}))
-  other = _copy_dir(src, tmp_path / 'whisper', config={'model_type': 'whisper'})
+    models.load_pretrained(copy_hf_dir(src, tmp_path / 'relu', config={'hidden_act': 'relu'}))
+  other = copy_hf_dir(src, tmp_path / 'whisper', config={'model_type': 'whisper'})
   with pytest.raises(ValueError, match='holds no architecture'):
     models.load_pretrained(other)
 
