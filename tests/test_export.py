@@ -22,6 +22,7 @@ from finetune_jax import peft
 from finetune_jax import train
 from finetune_jax.models import tokenization
 from finetune_jax.peft import hf_format
+from finetune_jax.peft import ia3
 from finetune_jax.peft import lora
 from finetune_jax.peft import paths
 
@@ -286,6 +287,229 @@ def test_our_adapter_format_round_trips(zoo, tmp_path):
     hf_format.load_adapter(peft.adapt(gpt2, cfg), gpt2, str(tmp_path))
 
 
+# ------------------------------------------------------------------ IA3
+
+
+def _ia3_config(targets=(), feedforward=()):
+  c = base_config.get_config().peft
+  c.method = 'ia3'
+  c.ia3.targets, c.ia3.feedforward = targets, feedforward
+  return c
+
+
+def _randomise_ia3(params, seed=1):
+  """Vectors moved off 1 and a new head, so every mapping shows."""
+  rng = np.random.default_rng(seed)
+  flat = paths.flatten(params)
+  for p, v in flat.items():
+    if p.endswith('/' + ia3.SCALE):
+      flat[p] = jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype)
+    elif p.startswith('head/'):
+      flat[p] = jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype)
+  return paths.unflatten(flat)
+
+
+# Our defaults (BERT: key, value; its MLP's output.dense scaled on input) and
+# a choice by hand with no feedforward module (Llama), plus ViT's renamed modules.
+IA3_EXPORT_CASES = [('bert', {}), ('gpt2', {}), ('llama', dict(targets=('q_proj', 'v_proj'))),
+                    ('vit', {})]
+
+
+@pytest.mark.parametrize('family, options', IA3_EXPORT_CASES,
+                         ids=[f for f, _ in IA3_EXPORT_CASES])
+def test_ia3_export_loads_in_peft_and_transformers(zoo, tmp_path, family, options):
+  from peft import PeftModel
+  hf, hf_path, model = zoo[family]
+  adapted = peft.adapt(model, _ia3_config(**options))
+  params = _randomise_ia3(adapted.params)
+  inputs = _inputs(family)
+  ours = _ours(adapted.module, params, inputs)
+  assert np.abs(ours - _theirs(hf, family, inputs)).max() > 1e-2, 'the adapter shows'
+
+  out = tmp_path / 'peft'
+  hf_format.save_peft(model, adapted, params, str(out), method='ia3', base_model=hf_path)
+  config = json.loads((out / hf_format.PEFT_CONFIG).read_text())
+  assert config['peft_type'] == 'IA3' and config['base_model_name_or_path'] == hf_path
+  assert set(config['feedforward_modules']) <= set(config['target_modules'])
+  assert config['modules_to_save'] == (['classifier'] if family in ('bert', 'vit') else None)
+  loaded = PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
+  assert np.abs(_theirs(loaded, family, inputs) - ours).max() <= TOL
+  # PEFT saves back the tensors we wrote: GPT-2's c_attn vector with q's ones.
+  loaded.save_pretrained(str(tmp_path / 'resaved'))
+  ours_file = safetensors.numpy.load_file(str(out / hf_format.PEFT_WEIGHTS))
+  theirs_file = safetensors.numpy.load_file(str(tmp_path / 'resaved' / hf_format.PEFT_WEIGHTS))
+  assert sorted(ours_file) == sorted(theirs_file)
+  for key, value in ours_file.items():
+    np.testing.assert_array_equal(theirs_file[key], value, err_msg=key)
+  if family == 'gpt2':
+    c_attn = ours_file['base_model.model.transformer.h.0.attn.c_attn.ia3_l']
+    assert c_attn.shape == (96, 1) and np.all(c_attn[:32] == 1) and np.all(c_attn[32:] != 1)
+  # Back through our import: the same params.
+  again = hf_format.load_adapter(peft.adapt(model, _ia3_config(**options)), model, str(out))
+  for p, v in paths.flatten(params).items():
+    np.testing.assert_array_equal(paths.flatten(again.params)[p], v, err_msg=p)
+
+  merged = tmp_path / 'merged'
+  hf_format.save_merged(model, adapted, params, str(merged), method='ia3')
+  reloaded = _hf_class(family).from_pretrained(str(merged)).eval()
+  assert np.abs(_theirs(reloaded, family, inputs) - ours).max() <= TOL
+
+
+def _peft_ia3(hf, family, tmp_path, unit_q=False):
+  """An IA3 adapter made and saved by HF PEFT, its vectors and head randomised."""
+  import torch
+  from peft import IA3Config, get_peft_model
+  if family == 'bert':  # ours: the MLP's output.dense only, not attention.output.dense
+    config = IA3Config(target_modules=r'.*\.(key|value|layer\.\d+\.output\.dense)',
+                       feedforward_modules=r'.*\.layer\.\d+\.output\.dense',
+                       modules_to_save=['classifier'])
+  else:  # PEFT's defaults for GPT-2 and Llama are ours
+    config = IA3Config(task_type='CAUSAL_LM', fan_in_fan_out=family == 'gpt2')
+  torch.manual_seed(5)
+  theirs = get_peft_model(copy.deepcopy(hf), config).eval()
+  with torch.no_grad():
+    for name, p in theirs.named_parameters():
+      if 'ia3_l' in name or 'modules_to_save' in name:
+        p.mul_(torch.rand_like(p) + 0.5)
+      if unit_q and 'c_attn.ia3_l' in name:
+        p[:p.shape[0] // 3] = 1.0
+  theirs.save_pretrained(str(tmp_path))
+  return theirs
+
+
+IA3_IMPORT_CASES = [('bert', False), ('gpt2', False), ('gpt2', True), ('llama', False)]
+
+
+@pytest.mark.parametrize('family, unit_q', IA3_IMPORT_CASES,
+                         ids=['bert', 'gpt2-scaled-q', 'gpt2-unit-q', 'llama'])
+def test_peft_made_ia3_adapter_imports(zoo, tmp_path, family, unit_q):
+  hf, _, model = zoo[family]
+  theirs = _peft_ia3(hf, family, tmp_path / 'peft', unit_q)
+  inputs = _inputs(family)
+  expected = _theirs(theirs, family, inputs)
+  assert np.abs(expected - _theirs(hf, family, inputs)).max() > 1e-2
+
+  adapted = peft.adapt(model, _ia3_config())
+  loaded = hf_format.load_adapter(adapted, model, str(tmp_path / 'peft'))
+  assert np.abs(_ours(loaded.module, loaded.params, inputs) - expected).max() <= TOL
+  before, after = paths.flatten(adapted.params), paths.flatten(loaded.params)
+  assert set(before) == set(after)
+  changed = {p for p in before if not np.array_equal(before[p], after[p])}
+  assert changed and changed <= adapted.trainable
+  if family == 'gpt2':  # q's third: dropped when all ones, else kept (HF trains it)
+    assert after['h_0/attn/c_attn/ia3_scale'].shape == ((64,) if unit_q else (96,))
+    # Exported back, merged and kept in our format, it is still HF's adapter.
+    hf_format.save_peft(model, loaded, loaded.params, str(tmp_path / 'back'), method='ia3')
+    original, back = (safetensors.numpy.load_file(str(tmp_path / d / hf_format.PEFT_WEIGHTS))
+                      for d in ('peft', 'back'))
+    assert sorted(original) == sorted(back)
+    for key, value in original.items():
+      np.testing.assert_array_equal(back[key], value, err_msg=key)
+    merged = ia3.merge(loaded.module, loaded.params)
+    assert np.abs(_ours(model.module, merged, inputs) - expected).max() <= TOL
+    hf_format.save_adapter(model, loaded, loaded.params, str(tmp_path / 'ours'), method='ia3')
+    ours = hf_format.load_adapter(peft.adapt(model, _ia3_config()), model,
+                                  str(tmp_path / 'ours'))
+    for p, v in after.items():
+      np.testing.assert_array_equal(paths.flatten(ours.params)[p], v, err_msg=p)
+
+
+def test_run_from_a_peft_ia3_adapter_exports(zoo, tmp_path, monkeypatch):
+  """export.restore rebuilds the run from peft.init_from as training did, so a
+  whole (q|k|v) c_attn vector keeps its shape through the checkpoint."""
+  _, hf_path, _ = zoo['gpt2']
+  _peft_ia3(zoo['gpt2'][0], 'gpt2', tmp_path / 'start')
+  config = base_config.get_config()
+  config.pretrained = hf_path
+  config.peft.method = 'ia3'
+  config.peft.init_from = str(tmp_path / 'start')
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints' / '1').mkdir(parents=True)
+  (workdir / 'config.json').write_text(json.dumps(config.to_dict()))
+
+  class Checkpointer:  # a step-1 checkpoint: the starting vectors, times 1.1
+    def __init__(self, *args):
+      pass
+
+    def latest_step(self):
+      return 1
+
+    def restore(self, like, step):
+      return {**like, 'step': np.int32(step),
+              'trainable': jax.tree.map(lambda v: v * 1.1, like['trainable'])}
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(export.checkpoint, 'Checkpointer', Checkpointer)
+  export.export(str(workdir), 'peft', str(tmp_path / 'out'))
+  start, out = (safetensors.numpy.load_file(str(tmp_path / d / hf_format.PEFT_WEIGHTS))
+                for d in ('start', 'out'))
+  assert sorted(start) == sorted(out)
+  for key, value in start.items():
+    np.testing.assert_allclose(out[key], value * 1.1, rtol=1e-6, err_msg=key)
+
+
+def test_our_adapter_format_round_trips_ia3(zoo, tmp_path):
+  _, _, model = zoo['bert']
+  adapted = peft.adapt(model, _ia3_config())
+  params = _randomise_ia3(adapted.params)
+  hf_format.save_adapter(model, adapted, params, str(tmp_path), method='ia3', base_model='x')
+  saved = safetensors.numpy.load_file(str(tmp_path / hf_format.OUR_WEIGHTS))
+  assert set(saved) == adapted.trainable
+  loaded = hf_format.load_adapter(peft.adapt(model, _ia3_config()), model, str(tmp_path))
+  for p, v in paths.flatten(params).items():
+    np.testing.assert_array_equal(paths.flatten(loaded.params)[p], v, err_msg=p)
+  with pytest.raises(ValueError, match=r"method='ia3'.*this run trains \['layer_0/attention/"
+                     r"self/query/lora_a"):
+    hf_format.load_adapter(peft.adapt(model, _peft_config('lora')), model, str(tmp_path))
+
+
+def test_mismatched_ia3_adapters_are_refused_by_name(zoo, tmp_path):
+  bert, gpt2 = zoo['bert'][2], zoo['gpt2'][2]
+  _peft_ia3(zoo['bert'][0], 'bert', tmp_path)
+  cases = [
+      (bert, _ia3_config(targets=('query', 'value')),
+       r"scales the outputs of \['layer_\*/attention/self/key', 'layer_\*/attention/self/"
+       r"value'\] and the inputs of \['layer_\*/output/dense'\]; this run scales the outputs "
+       r"of \['layer_\*/attention/self/query', 'layer_\*/attention/self/value'\] "
+       r"\(peft.ia3.targets\) and the inputs of \[\] \(peft.ia3.feedforward\), unlike "
+       r"the adapter at \['layer_0/attention/self/key', .*\]\. Set "
+       r"--config.peft.ia3.targets=\"\('key\$', 'value\$'\)\" and "
+       r"--config.peft.ia3.feedforward=\"\('layer_\\\\d\+/output/dense\$',\)\""),
+      (bert, _ia3_config(targets=('key', 'value', r'layer_\d+/output/dense$')),
+       r"inputs of \[\] \(peft.ia3.feedforward\), unlike the adapter at "
+       r"\['layer_0/output/dense', 'layer_1/output/dense'\]"),
+      (gpt2, _ia3_config(), r"made for a base model whose scaled modules are .*bert\.encoder"
+       r".*this run's model \(gpt2\) has no module .*--config.pretrained"),
+      (bert, _peft_config('lora'), r'IA3 adapter; set --config.peft.method=ia3'),
+  ]
+  for model, cfg, message in cases:
+    with pytest.raises(ValueError, match=message):
+      hf_format.load_adapter(peft.adapt(model, cfg), model, str(tmp_path))
+  # A vector of another size: a BERT of other widths.
+  other = tmp_path / 'other'
+  other.mkdir()
+  (other / hf_format.PEFT_CONFIG).write_text((tmp_path / hf_format.PEFT_CONFIG).read_text())
+  tensors = safetensors.numpy.load_file(str(tmp_path / hf_format.PEFT_WEIGHTS))
+  tensors['base_model.model.bert.encoder.layer.0.output.dense.ia3_l'] = np.ones((1, 40),
+                                                                                np.float32)
+  safetensors.numpy.save_file(tensors, str(other / hf_format.PEFT_WEIGHTS))
+  with pytest.raises(ValueError, match=r'base model whose bert.encoder.layer.0.output.dense has '
+                     r"an ia3_l of shape \(1, 40\) \(scaling its input\); this run's model has "
+                     r"'layer_0/output/dense' with a \(37, 32\) kernel"):
+    hf_format.load_adapter(peft.adapt(bert, _ia3_config()), bert, str(other))
+  # The fix the message names loads it.
+  fixed = _ia3_config(targets=('key$', 'value$'), feedforward=(r'layer_\d+/output/dense$',))
+  hf_format.load_adapter(peft.adapt(bert, fixed), bert, str(tmp_path))
+  # An IA3 run refuses a LoRA adapter the same way.
+  lora_dir = tmp_path / 'lora'
+  adapted = peft.adapt(bert, _peft_config('lora', rank=4, alpha=8.0))
+  hf_format.save_peft(bert, adapted, adapted.params, str(lora_dir), method='lora')
+  with pytest.raises(ValueError, match=r'LoRA adapter; set --config.peft.method=lora'):
+    hf_format.load_adapter(peft.adapt(bert, _ia3_config()), bert, str(lora_dir))
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -332,8 +556,8 @@ def test_formats_refuse_what_they_cannot_hold(zoo, tmp_path):
   with pytest.raises(ValueError, match="'full' trains no adapter.*--format merged"):
     hf_format.save_peft(model, full, full.params, str(tmp_path), method='full')
   with pytest.raises(ValueError, match="--format peft is not supported yet for "
-                     "peft.method='ia3'"):
-    hf_format.save_peft(model, full, full.params, str(tmp_path), method='ia3')
+                     "peft.method='adapter'"):
+    hf_format.save_peft(model, full, full.params, str(tmp_path), method='adapter')
   with pytest.raises(ValueError, match="--format merged is not supported yet for "
                      "peft.method='prompt_tuning'"):
     hf_format.merged_params(full, full.params, method='prompt_tuning')

@@ -1,6 +1,6 @@
 """Adapters and merged models in Hugging Face layouts, written and read back.
 
-  save_peft(...)      adapter_config.json + adapter_model.safetensors (HF PEFT LoRA/DoRA)
+  save_peft(...)      adapter_config.json + adapter_model.safetensors (HF PEFT LoRA/DoRA/IA3)
   save_merged(...)    config.json + model.safetensors (transformers), updates folded in
   save_adapter(...)   adapter.json + adapter.safetensors: the trainable params, our paths
   load_adapter(adapted, model, dir)   either kind of adapter dir, onto an adapted model
@@ -10,7 +10,10 @@ prefixed 'base_model.model.', in torch layouts:
   lora_A.weight          (r, in)  | (r, in, kh, kw)    ours lora_a (in, r) | (kh, kw, in, r)
   lora_B.weight          (out, r) | (out, r, 1, 1)     ours lora_b (r, out)
   lora_magnitude_vector  (out,)   | (1, out, 1, 1)     ours lora_magnitude (out,)
-(Linear and GPT-2's Conv1D | Conv2d.) A trained classifier head is a
+(Linear and GPT-2's Conv1D | Conv2d.) IA3's vector is '<module>.ia3_l': (out, 1),
+or (1, in) for a feedforward module, (1, n, 1, 1) on a Conv2d; ours ia3_scale
+(n,). GPT-2's c_attn vector covers q|k|v there (ours k|v: ones go before it).
+A trained classifier head is a
 `modules_to_save` module, stored as its plain weights. Module names come from
 the converters' `params_to_hf`, so there is one name table per family. The
 exception is ViT under transformers >= 5: its modules were renamed (q_proj,
@@ -36,6 +39,7 @@ from finetune_jax.convert import gpt2 as convert_gpt2
 from finetune_jax.convert import hf_dir
 from finetune_jax.convert import llama as convert_llama
 from finetune_jax.convert import vit as convert_vit
+from finetune_jax.peft import ia3
 from finetune_jax.peft import lora
 from finetune_jax.peft import paths
 
@@ -43,7 +47,7 @@ PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'
 OUR_CONFIG, OUR_WEIGHTS = 'adapter.json', 'adapter.safetensors'
 OUR_FORMAT = 'finetune_jax.adapter'
 PEFT_PREFIX = 'base_model.model.'
-PEFT_METHODS = ('lora', 'dora')
+PEFT_METHODS = ('lora', 'dora', 'ia3')
 # Methods whose params are the plain model: a merged export is the params as they are.
 PLAIN_METHODS = ('full', 'linear_probe', 'bitfit', 'partial')
 _TORCH_METADATA = {'format': 'pt'}  # what transformers and PEFT expect in the header
@@ -111,6 +115,17 @@ def _prefix(model) -> str:
 def _lora_hook(adapted):
   hook = getattr(adapted.module, 'hook', None)
   return hook if isinstance(hook, lora.Hook) else None
+
+
+def _ia3_hook(adapted):
+  hook = getattr(adapted.module, 'hook', None)
+  return hook if isinstance(hook, ia3.Hook) else None
+
+
+def _ia3_modules(flat: dict) -> list:
+  """Our module paths that own an IA3 vector."""
+  tail = '/' + ia3.SCALE
+  return sorted(p[:-len(tail)] for p in flat if p.endswith(tail))
 
 
 def _checkpoint_names(model, flat: dict, modules) -> dict:
@@ -210,8 +225,9 @@ def _unsupported(method: str, fmt: str, supported) -> ValueError:
 
 def save_peft(model, adapted, params, out_dir: str, *, method: str,
               base_model: str | None = None) -> None:
-  """Writes the HF PEFT layout of a LoRA/DoRA run (params: adapted, trained)."""
+  """Writes the HF PEFT layout of a LoRA/DoRA/IA3 run (params: adapted, trained)."""
   hook = _lora_hook(adapted)
+  hook = _ia3_hook(adapted) if hook is None else hook
   if method not in PEFT_METHODS or hook is None:
     if method in PLAIN_METHODS:
       raise ValueError(f'peft.method={method!r} trains no adapter, so there is nothing for '
@@ -221,6 +237,24 @@ def save_peft(model, adapted, params, out_dir: str, *, method: str,
   fam.hf_config(model.config)  # refuses a model transformers cannot express
   _warn_head(model)
   flat = paths.flatten(params)  # device arrays: only the adapter leaves are copied out
+  head = _head_tensors(model, flat)
+  common = {'task_type': fam.task_type[0 if _has_head(model) else 1],
+            'base_model_name_or_path': base_model, 'revision': None,
+            'fan_in_fan_out': fam.fan_in_fan_out,
+            'modules_to_save': sorted({k.rsplit('.', 1)[0] for k in head}) or None,
+            'inference_mode': True}
+  if isinstance(hook, ia3.Hook):
+    tensors, config = _ia3_tensors(model, hook, flat)
+  else:
+    tensors, config = _lora_tensors(model, hook, flat)
+  tensors.update({PEFT_PREFIX + k: v for k, v in head.items()})
+  os.makedirs(out_dir, exist_ok=True)
+  _write_json({**config, **common}, os.path.join(out_dir, PEFT_CONFIG))
+  _write_safetensors(tensors, os.path.join(out_dir, PEFT_WEIGHTS), _TORCH_METADATA)
+
+
+def _lora_tensors(model, hook, flat: dict) -> tuple[dict, dict]:
+  """PEFT's LoRA/DoRA tensors and the config fields of their own."""
   modules = lora.adapted_modules(flat)
   names = module_names(model, flat, modules)
   tensors, ranks = {}, {}
@@ -235,28 +269,42 @@ def save_peft(model, adapted, params, out_dir: str, *, method: str,
       magnitude = np.asarray(flat[f'{m}/{lora.MAGNITUDE}'])
       tensors[f'{key}.lora_magnitude_vector'] = (
           magnitude.reshape(1, -1, 1, 1) if conv else magnitude)
-  head = _head_tensors(model, flat)
-  tensors.update({PEFT_PREFIX + k: v for k, v in head.items()})
   r = collections.Counter(ranks.values()).most_common(1)[0][0]
-  config = {
-      'peft_type': 'LORA', 'task_type': fam.task_type[0 if _has_head(model) else 1],
-      'base_model_name_or_path': base_model, 'revision': None, 'r': r,
+  return tensors, {
+      'peft_type': 'LORA', 'r': r,
       'lora_alpha': _number(hook.alpha), 'lora_dropout': hook.dropout,
       'target_modules': _target_modules(model, flat, set(names.values())),
       'rank_pattern': {re.escape(n): k for n, k in ranks.items() if k != r},
       'alpha_pattern': {}, 'use_rslora': hook.rslora, 'use_dora': hook.dora,
-      'fan_in_fan_out': fam.fan_in_fan_out, 'bias': 'none',
-      'modules_to_save': sorted({k.rsplit('.', 1)[0] for k in head}) or None,
-      'init_lora_weights': True, 'inference_mode': True}
-  os.makedirs(out_dir, exist_ok=True)
-  _write_json(config, os.path.join(out_dir, PEFT_CONFIG))
-  _write_safetensors(tensors, os.path.join(out_dir, PEFT_WEIGHTS), _TORCH_METADATA)
+      'bias': 'none', 'init_lora_weights': True}
+
+
+def _ia3_tensors(model, hook, flat: dict) -> tuple[dict, dict]:
+  """PEFT's IA3 vectors and config fields. Module lists are full names: PEFT
+  matches feedforward_modules by bare suffix, so 'output.dense' would also
+  catch BERT's attention.output.dense."""
+  modules = _ia3_modules(flat)
+  names = module_names(model, flat, modules)
+  tensors = {}
+  for m in modules:
+    scale, kernel = np.asarray(flat[f'{m}/{ia3.SCALE}']), np.shape(flat[f'{m}/kernel'])
+    if m in hook.fused_qkv and scale.shape[-1] != kernel[-1]:
+      scale = np.asarray(ia3.full_scale(scale))  # HF scales q too: by 1
+    shape = (1, -1, 1, 1) if len(kernel) == 4 else (1, -1) if m in hook.inputs else (-1, 1)
+    tensors[f'{PEFT_PREFIX}{names[m]}.ia3_l'] = scale.reshape(shape)
+  return tensors, {
+      'peft_type': 'IA3', 'target_modules': sorted(names.values()),
+      'feedforward_modules': sorted(names[m] for m in modules if m in hook.inputs),
+      'exclude_modules': None, 'init_ia3_weights': True}
 
 
 def merged_params(adapted, params, *, method: str) -> dict:
-  """Plain model params: LoRA/DoRA updates folded in, other plain methods as they are."""
+  """Plain model params: LoRA/DoRA updates or IA3 vectors folded in, other plain
+  methods as they are."""
   if _lora_hook(adapted) is not None:
     return lora.merge(adapted.module, params)
+  if _ia3_hook(adapted) is not None:
+    return ia3.merge(adapted.module, params)
   if method in PLAIN_METHODS:
     return params
   raise _unsupported(method, 'merged', PEFT_METHODS + PLAIN_METHODS)
@@ -300,7 +348,7 @@ def save_adapter(model, adapted, params, out_dir: str, *, method: str,
 def load_adapter(adapted, model, path: str):
   """`adapted` with its adapter (and head) params taken from the adapter dir `path`.
 
-  Reads an HF PEFT dir (LoRA/DoRA) or one from `--format adapter`. Anything
+  Reads an HF PEFT dir (LoRA/DoRA/IA3) or one from `--format adapter`. Anything
   about the adapter's base model or method that disagrees with this run is
   one ValueError naming both sides and the config change that fixes it.
   """
@@ -371,9 +419,11 @@ def _targets_hint(wanted: set) -> str:
 def _load_peft(adapted, model, path):
   """The base model first (names, shapes), then method, targets, ranks, alpha, head."""
   cfg = _read_json(os.path.join(path, PEFT_CONFIG))
+  if cfg.get('peft_type') == 'IA3':
+    return _load_peft_ia3(adapted, model, path, cfg)
   if cfg.get('peft_type') != 'LORA':
     raise ValueError(f'{path}: peft_type={cfg.get("peft_type")!r} adapters cannot be '
-                     'imported yet; LORA (LoRA and DoRA) can.')
+                     'imported yet; LORA (LoRA and DoRA) and IA3 can.')
   flat = paths.flatten(adapted.params)
   loras, others = _split_peft_tensors(path, _read_weights(path, PEFT_WEIGHTS))
   new, ranks = _map_loras(path, cfg, model, flat, loras)
@@ -539,6 +589,115 @@ def _head_from(path, model, flat, others: dict) -> dict:
   return out
 
 
+def _load_peft_ia3(adapted, model, path, cfg):
+  """An HF PEFT IA3 dir: base model (names, shapes), then the scaled modules, head."""
+  hook = _ia3_hook(adapted)
+  if hook is None:
+    raise ValueError(f'{path} holds an IA3 adapter; set --config.peft.method=ia3 to load '
+                     'it with peft.init_from.')
+  flat = paths.flatten(adapted.params)
+  vectors, others = {}, {}
+  for key, value in _read_weights(path, PEFT_WEIGHTS).items():
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    if name.endswith('.ia3_l'):
+      vectors[name[:-len('.ia3_l')]] = np.asarray(value)
+    elif '.ia3_' in name:
+      raise ValueError(f'{path}: {key} is an IA3 tensor of a kind this project does not '
+                       'import (ia3_l only).')
+    else:
+      others[name] = np.asarray(value)
+  if not vectors:
+    raise ValueError(f'{path}: its {PEFT_WEIGHTS} holds no ia3_l vector.')
+  new, scaled_out, scaled_in = _map_ia3(path, cfg, model, flat, hook, vectors)
+  mine = _ia3_modules(flat)
+  mine_in = {m for m in mine if m in hook.inputs}
+  mine_out = set(mine) - mine_in
+  if (scaled_out, scaled_in) != (mine_out, mine_in):
+    head = model.head + '/' if _has_head(model) else None
+    candidates = paths.candidate_modules(flat, head)
+    differ = sorted((scaled_out ^ mine_out) | (scaled_in ^ mine_in))
+    raise _differs(
+        path, f'scales the outputs of {_fold(scaled_out)} and the inputs of '
+        f'{_fold(scaled_in)}', f'scales the outputs of {_fold(mine_out)} '
+        f'(peft.ia3.targets) and the inputs of {_fold(mine_in)} (peft.ia3.feedforward), '
+        f'unlike the adapter at {differ[:3]}',
+        f'Set --config.peft.ia3.targets="{_regexes_for(scaled_out, candidates)}" and '
+        f'--config.peft.ia3.feedforward="{_regexes_for(scaled_in, candidates)}" '
+        '(regexes over our module paths) to scale the same modules.')
+  new.update(_head_from(path, model, flat, others))
+  out = dict(flat)
+  for p, v in new.items():
+    out[p] = np.asarray(v, np.asarray(flat[p]).dtype)
+  return dataclasses.replace(adapted, params=paths.unflatten(out))
+
+
+def _peft_feedforward(cfg, name: str, vector) -> bool:
+  """Whether PEFT scales module `name`'s input, as its IA3Model decides."""
+  ff = cfg.get('feedforward_modules')
+  if ff is None:  # not written by PEFT, which saves its defaults: the shape tells
+    return vector.ndim == 2 and vector.shape[0] == 1 and vector.shape[1] > 1
+  if isinstance(ff, str):
+    return bool(re.fullmatch(ff, name))
+  return any(name.endswith(k) for k in ff)
+
+
+def _map_ia3(path, cfg, model, flat, hook, vectors) -> tuple[dict, set, set]:
+  """Our {param path: vector} and the modules scaled on output and on input; a
+  module or shape that is not this base model's is a mismatch error.
+
+  GPT-2's c_attn vector covers q|k|v; with q's third all ones it becomes ours
+  (k|v), otherwise it stays whole and the hook scales q by it too.
+  """
+  family = model.config['model']
+  inverse = _inverse_names(model, flat)
+  fix = ('Load the adapter onto the base model it was trained on (--config.pretrained; '
+         f'it names base_model_name_or_path={cfg.get("base_model_name_or_path")!r}).')
+  unknown = sorted(n for n in vectors if n not in inverse)
+  if unknown:
+    own = module_names(model, flat, lora.candidate_modules(flat)).values()
+    raise _mismatch(path, f'scaled modules are {_fold(vectors)}',
+                    f'({family}) has no module {unknown[0]!r}; its modules are {_fold(own)}',
+                    fix)
+  new, scaled_out, scaled_in = {}, set(), set()
+  for name, vector in vectors.items():
+    ours = inverse[name]
+    kernel = tuple(np.shape(flat[f'{ours}/kernel']))
+    on_input = _peft_feedforward(cfg, name, vector)
+    size = kernel[-2] if on_input else kernel[-1]
+    shape = (1, size, 1, 1) if len(kernel) == 4 else (1, size) if on_input else (size, 1)
+    if vector.shape != shape:
+      raise _mismatch(path, f'{name} has an ia3_l of shape {vector.shape} (scaling its '
+                      f'{"input" if on_input else "output"})',
+                      f'has {ours!r} with a {kernel} kernel', fix)
+    vector = vector.reshape(-1)
+    fused = family in ia3.FUSED_QKV and re.search(ia3.FUSED_QKV[family], ours)
+    if fused and not on_input and np.all(vector[:size // 3] == 1):
+      vector = vector[size // 3:]
+    (scaled_in if on_input else scaled_out).add(ours)
+    new[f'{ours}/{ia3.SCALE}'] = vector
+  return new, scaled_out, scaled_in
+
+
+def _regexes_for(wanted: set, candidates) -> str:
+  """A config-ready tuple of regexes that select exactly `wanted`: leaf names,
+  else paths with layer numbers folded, else each path anchored."""
+  def selects(patterns):
+    return {c for c in candidates if any(re.search(p, c) for p in patterns)} == wanted
+  leaves = sorted({f'{m.rsplit("/", 1)[-1]}$' for m in wanted})
+  folded = sorted({re.sub(r'\d+', r'\\d+', re.escape(m)) + '$' for m in wanted})
+  exact = sorted(f'^{re.escape(m)}$' for m in wanted)
+  patterns = next(p for p in (leaves, folded, exact) if selects(p))
+  return '(' + ', '.join(repr(p) for p in patterns) + (',)' if len(patterns) == 1 else ')')
+
+
+def _ia3_whole(adapted, flat: dict, p: str, shape: tuple) -> bool:
+  """Whether `p` is a fused q|k|v vector covering the whole output (from HF PEFT)."""
+  hook = _ia3_hook(adapted)
+  m = p[:-len('/' + ia3.SCALE)]
+  return (hook is not None and p.endswith('/' + ia3.SCALE) and m in hook.fused_qkv
+          and shape == tuple(np.shape(flat[f'{m}/kernel']))[-1:])
+
+
 def _load_ours(adapted, model, path):
   meta = _read_json(os.path.join(path, OUR_CONFIG))
   if meta.get('format') != OUR_FORMAT:
@@ -549,7 +708,8 @@ def _load_ours(adapted, model, path):
   missing, extra = sorted(trains - set(tensors)), sorted(set(tensors) - trains)
   shapes = [(p, tuple(tensors[p].shape), tuple(np.shape(flat[p])))
             for p in sorted(set(tensors) & trains)
-            if tuple(tensors[p].shape) != tuple(np.shape(flat[p]))]
+            if tuple(tensors[p].shape) != tuple(np.shape(flat[p]))
+            and not _ia3_whole(adapted, flat, p, tuple(tensors[p].shape))]
   if missing or extra or shapes:
     details = '; '.join(x for x in (
         missing and f'this run trains {missing[:3]}, which the adapter lacks',

@@ -11,7 +11,9 @@ Each vector is '<module>/ia3_scale' and starts at ones: training starts at the
 base model. GPT-2 fuses q, k and v into one c_attn (out 3D, q|k|v): there the
 vector has 2D entries, the k and v scales, and q is multiplied by a fixed 1, as
 the paper scales keys and values only. (HF PEFT's c_attn vector has 3D entries
-and scales q too; exporting ours means prepending D ones.)
+and scales q too; exporting ours means prepending D ones. An imported one whose
+q entries are not all 1 stays 3D, and a vector covering the whole output is
+used as it is.)
 
 Both lists empty means the family's defaults (HF PEFT's
 TRANSFORMERS_MODELS_TO_IA3_*_MODULES_MAPPING, plus ViT); setting either one
@@ -64,7 +66,7 @@ class Hook:
       x = call.inputs
       return call.run_on((x * scale).astype(x.dtype))
     y = call.run()
-    if call.path in self.fused_qkv:
+    if call.path in self.fused_qkv and scale.shape[-1] != y.shape[-1]:
       scale = full_scale(scale)
     return (y * scale).astype(y.dtype)
 
@@ -169,7 +171,7 @@ def merge(module, params) -> dict:
     if m in hook.inputs:
       out[f'{m}/kernel'] = (kernel * scale[:, None]).astype(kernel.dtype)
       continue
-    if m in hook.fused_qkv:
+    if m in hook.fused_qkv and scale.shape[-1] != kernel.shape[-1]:
       scale = full_scale(scale)
     out[f'{m}/kernel'] = (kernel * scale).astype(kernel.dtype)
     if f'{m}/bias' in flat:
