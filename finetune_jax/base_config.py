@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Method: which params train.
   c.peft = ml_collections.ConfigDict()
-  c.peft.method = 'full'  # full | linear_probe | bitfit | partial | lora | dora | ia3 | adapter.
+  c.peft.method = 'full'  # full | linear_probe | bitfit | partial | lora | dora | ia3 | adapter | prompt_tuning | prefix_tuning.
   c.peft.num_frozen_blocks = 0  # partial: freeze the first N of the model's `blocks` (README).
   c.peft.freeze = ()  # partial: more regexes over param paths to freeze.
   c.peft.lora = ml_collections.ConfigDict()  # lora and dora.
@@ -61,6 +61,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.peft.adapter.kind = 'houlsby'  # 'houlsby': after the attention and the MLP output projections; 'pfeiffer': after the MLP's only.
   c.peft.adapter.size = 64  # The bottleneck width of each adapter.
   c.peft.adapter.targets = ()  # Regexes over module paths whose outputs get an adapter; (): the kind's placement for the family.
+  c.peft.prompt_tuning = ml_collections.ConfigDict()  # prompt_tuning: learned vectors before the token embeddings (language models).
+  c.peft.prompt_tuning.num_virtual_tokens = 20  # P; the text then has P fewer positions of the model's context.
+  c.peft.prompt_tuning.init = 'vocab'  # 'vocab': embeddings of P random vocabulary tokens; 'text': of init_text's tokens; 'random': N(0, table std^2).
+  c.peft.prompt_tuning.init_text = ''  # With init='text': repeated or cut to P tokens.
+  c.peft.prefix_tuning = ml_collections.ConfigDict()  # prefix_tuning: learned keys and values before every attention layer's own.
+  c.peft.prefix_tuning.num_virtual_tokens = 20  # P key/value slots per layer; the text then has P fewer positions.
+  c.peft.prefix_tuning.init = 'vocab'  # 'vocab': the model's own keys/values for P random tokens; 'random': N(0, 1) as HF PEFT.
+  c.peft.prefix_tuning.projection_size = 0  # 0: train the prefixes directly; > 0: through an MLP of this width (HF prefix_projection).
+  c.peft.learning_rate = config_dict.placeholder(float)  # The rate of the params a method adds (LoRA, adapters, IA3, prompts, prefixes); None: head_learning_rate, else learning_rate.
 
   # Optimisation.
   c.total_steps = 1000

@@ -2,18 +2,20 @@
 
   python -m finetune_jax.export --workdir <run> --format {peft,merged,adapter} --out <dir>
 
-  peft     HF PEFT: adapter_config.json + adapter_model.safetensors (LoRA, DoRA),
+  peft     HF PEFT: adapter_config.json + adapter_model.safetensors (LoRA, DoRA, IA3),
            a trained head as modules_to_save; load it with
            peft.PeftModel.from_pretrained(<the base model in transformers>, <dir>).
   merged   a transformers model dir (config.json + model.safetensors, tokenizer,
-           preprocessor config) with the LoRA/DoRA updates folded in; any
+           preprocessor config) with the LoRA/DoRA updates or IA3 vectors folded in; any
            method whose params are the plain model exports too.
   adapter  the trainable params alone under our param paths (adapter.json +
            adapter.safetensors), for `--config.peft.init_from` here.
 
 The model is rebuilt from the workdir's config.json exactly as training
 built it (train.build_model), and the trainable params come from the latest
-checkpoint (or --step): frozen params are reloaded from `pretrained`.
+checkpoint (or --step): frozen params are reloaded from `pretrained`, and
+the run's peft.init_from adapter, where it still exists, is loaded first as in
+training (an HF IA3 vector for GPT-2's c_attn can change a param's shape).
 """
 import json
 import os
@@ -27,6 +29,7 @@ import numpy as np
 
 from finetune_jax import checkpoint
 from finetune_jax import optim
+from finetune_jax import peft
 from finetune_jax import train
 from finetune_jax.peft import hf_format
 from finetune_jax.peft import paths
@@ -56,8 +59,12 @@ def restore(workdir: str, config, step: int | None = None):
     raise ValueError(f'{workdir} has no checkpoint yet; export a run after its first '
                      'checkpoint (config.checkpoint_every steps).')
   model, adapted = train.build_model(config)
+  init_from = config.peft.get('init_from')
+  if init_from and os.path.exists(init_from):  # the shapes training started from
+    adapted = hf_format.load_adapter(adapted, model, init_from)
   trainable, frozen = paths.split(adapted.params, adapted.trainable)
-  tx = optim.make_optimizer(config, trainable, model.head)
+  tx = optim.make_optimizer(config, trainable, model.head,
+                            peft.base.added_paths(model, adapted))
   like = {'step': np.int32(0), 'rng': jax.random.PRNGKey(config.seed),
           'trainable': trainable, 'opt_state': tx.init(trainable)}
   ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)

@@ -2,7 +2,8 @@
 
 It only ever sees the trainable pytree: frozen params get no gradient and no
 optimizer state because they are not in the tree it is initialised with.
-Within that tree, `optax.partition` gives the new head its own learning rate.
+Within that tree, `optax.partition` gives the new head, and the params a PEFT
+method added, their own learning rates.
 """
 import jax
 import optax
@@ -52,25 +53,38 @@ def _base_optimizer(config, lr: optax.Schedule) -> optax.GradientTransformation:
   raise ValueError(f'Unknown optimizer.name {o.name!r}; use adamw or sgd.')
 
 
-def group_labels(trainable, head: str):
-  """'head' for the new classifier's params, 'body' for the rest."""
+def group_labels(trainable, head: str, added=frozenset()):
+  """'head' for the new classifier's params, 'added' for params a PEFT method
+  added (`added`: their paths), 'body' for the pretrained rest."""
   flat = paths.flatten(trainable)
-  labels = {k: 'head' if k.startswith(head + '/') else 'body' for k in flat}
+  labels = {k: 'head' if k.startswith(head + '/') else 'added' if k in added else 'body'
+            for k in flat}
   return paths.unflatten(labels)
 
 
-def make_optimizer(config, trainable, head: str) -> optax.GradientTransformation:
-  """AdamW or SGD over `trainable`, the head at `head_learning_rate`."""
+def make_optimizer(config, trainable, head: str,
+                   added=frozenset()) -> optax.GradientTransformation:
+  """AdamW or SGD over `trainable`: the head at `head_learning_rate`, the
+  params a PEFT method added (paths `added`) at `peft.learning_rate`.
+
+  Added params start from scratch like the head, so by default they share
+  its rate. Their group exists only when they do, so the optimizer state of
+  the methods that add nothing keeps its structure (checkpoints resume).
+  """
   head_lr = config.head_learning_rate or config.learning_rate
   groups = {
       'body': _base_optimizer(config, schedule(config, config.learning_rate)),
       'head': _base_optimizer(config, schedule(config, head_lr)),
   }
+  added = frozenset(added) & paths.flatten(trainable).keys()
+  if added:
+    added_lr = config.peft.get('learning_rate') or head_lr
+    groups['added'] = _base_optimizer(config, schedule(config, added_lr))
   # identity() when off keeps the state's structure, so a checkpoint resumes
   # whether or not clipping was changed in between.
   clip = (optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm
           else optax.identity())
-  return optax.chain(clip, optax.partition(groups, group_labels(trainable, head)))
+  return optax.chain(clip, optax.partition(groups, group_labels(trainable, head, added)))
 
 
 def state_bytes(opt_state) -> int:

@@ -41,10 +41,12 @@ def open_dataset(config) -> dict:
   return splits
 
 
-def make(config, splits: dict, model) -> Pipeline:
+def make(config, splits: dict, model, reserved_positions: int = 0) -> Pipeline:
+  """reserved_positions: context positions the PEFT method puts before the text
+  (prompt and prefix tuning), which the text cannot use."""
   if config.task == 'image_classification':
     return _images(config, splits, model)
-  return _text(config, model)
+  return _text(config, model, reserved_positions)
 
 
 # ------------------------------------------------------------------ images
@@ -104,7 +106,7 @@ def _token_id(tokenizer, *candidates):
   return None
 
 
-def _text(config, model) -> Pipeline:
+def _text(config, model, reserved_positions: int) -> Pipeline:
   """Tokenized once into the data dir (per tokenizer), then bucketed or packed."""
   tokenizer = model.tokenizer
   if tokenizer is None:
@@ -112,10 +114,12 @@ def _text(config, model) -> Pipeline:
                      f'{config.task!r} needs one.')
   text = config.text
   context = model.config.get('max_position_embeddings')
-  if context is not None and text.max_length > context:
+  if context is not None and text.max_length + reserved_positions > context:
+    taken = (f' of which peft.method={config.peft.method} takes {reserved_positions}'
+             if reserved_positions else '')
     raise ValueError(f'text.max_length={text.max_length} exceeds the context of '
-                     f'{config.pretrained!r} ({context} positions); set '
-                     f'--config.text.max_length={context} or less.')
+                     f'{config.pretrained!r} ({context} positions{taken}); set '
+                     f'--config.text.max_length={context - reserved_positions} or less.')
   load = functools.partial(data.load_text_split, tokenizer=tokenizer,
                            data_dir=config.data_dir)
   train_split, eval_split = load(config.dataset, 'train'), load(config.dataset, config.eval_split)

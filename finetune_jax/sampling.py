@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finetune_jax.models import attention
+from finetune_jax.peft import virtual_tokens
 
 # Traces of the jitted loop (a test checks repeated calls reuse one compilation).
 _TRACE_COUNT = [0]
@@ -76,7 +77,8 @@ def generate(module, params, config: dict, input_ids, attention_mask=None, *,
   if attention_mask.shape != (batch, length):
     raise ValueError(f'attention_mask has shape {attention_mask.shape}; expected '
                      f'{(batch, length)} like input_ids.')
-  _check_prompts(input_ids, attention_mask, config, max_new_tokens)
+  reserved = virtual_tokens.reserved_positions(module)
+  _check_prompts(input_ids, attention_mask, config, max_new_tokens, reserved)
 
   eos = config.get('eos_token_id') if eos_token_id is None else eos_token_id
   eos = [] if eos is None else [int(e) for e in np.atleast_1d(eos)]
@@ -87,20 +89,22 @@ def generate(module, params, config: dict, input_ids, attention_mask=None, *,
       params, input_ids.astype(jnp.int32), attention_mask, rng,
       jnp.float32(temperature if sample else 1.0), jnp.int32(top_k), jnp.float32(top_p),
       jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad),
-      jnp.int32(config.get('max_position_embeddings') or np.iinfo(np.int32).max),
+      jnp.int32(config.get('max_position_embeddings') - reserved
+                if config.get('max_position_embeddings') else np.iinfo(np.int32).max),
       module=module, cache_spec=cache_spec, max_new_tokens=int(max_new_tokens),
       sample=sample, stop_at_eos=bool(eos))
 
 
-def _check_prompts(input_ids, attention_mask, config, max_new_tokens) -> None:
+def _check_prompts(input_ids, attention_mask, config, max_new_tokens, reserved) -> None:
   """Host-side checks of concrete prompts: left padding, vocab, context length."""
   length = input_ids.shape[1]
   context = config.get('max_position_embeddings')
-  if context is not None and length + max_new_tokens > context:
+  if context is not None and length + max_new_tokens + reserved > context:
+    taken = f' ({reserved} taken by prompt or prefix tuning)' if reserved else ''
     raise ValueError(
         f'Prompts of {length} tokens + max_new_tokens={max_new_tokens} exceed the '
-        f'model\'s context of {context} positions: truncate the prompts (keep their '
-        'last tokens) or generate fewer tokens.')
+        f'model\'s context of {context} positions{taken}: truncate the prompts (keep '
+        'their last tokens) or generate fewer tokens.')
   if isinstance(input_ids, jax.core.Tracer) or isinstance(attention_mask, jax.core.Tracer):
     return
   mask, ids = np.asarray(attention_mask), np.asarray(input_ids)
@@ -148,9 +152,12 @@ def _generate(params, input_ids, attention_mask, rng, temperature, top_k, top_p,
   batch, length = input_ids.shape
   num_layers, num_kv_heads, head_dim = cache_spec
   total = length + max_new_tokens  # the last token's slot is written, never read
-  cache = attention.init_cache(
-      dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim),
-      batch, total)
+  if virtual_tokens.reserved_positions(module):
+    cache = module.init_cache(params, batch, total)  # its first slots hold the prompt/prefix
+  else:
+    cache = attention.init_cache(
+        dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim),
+        batch, total)
   mask = jnp.zeros((batch, total), jnp.int32).at[:, :length].set(attention_mask)
   positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
   out = module.apply({'params': params}, input_ids, mask, positions=positions, cache=cache)
@@ -201,7 +208,9 @@ def generate_text(model, prompts: Sequence[str], *, max_new_tokens: int,
   eos = config.get('eos_token_id') if eos is None else eos
   eos = set() if eos is None else {int(e) for e in np.atleast_1d(eos)}
   length = max(len(i) for i in ids)
-  context = config.get('max_position_embeddings') or length + max_new_tokens
+  context = config.get('max_position_embeddings')
+  context = (context - virtual_tokens.reserved_positions(model.module) if context
+             else length + max_new_tokens)
   padded = -(-length // pad_multiple) * pad_multiple
   length = max(length, min(padded, context - max_new_tokens))
   pad = kwargs.get('pad_token_id')

@@ -27,6 +27,7 @@ from finetune_jax import tasks
 from finetune_jax import workdir as workdir_lib
 from finetune_jax.peft import hf_format
 from finetune_jax.peft import paths
+from finetune_jax.peft import virtual_tokens
 
 
 class _Progress:
@@ -144,9 +145,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model, adapted = build_model(config)
   if config.peft.get('init_from'):
     adapted = hf_format.load_adapter(adapted, model, config.peft.init_from)
-  pipeline = pipelines.make(config, splits, model)
+  pipeline = pipelines.make(config, splits, model,
+                            virtual_tokens.reserved_positions(adapted.module))
   trainable, frozen = paths.split(adapted.params, adapted.trainable)
-  tx = optim.make_optimizer(config, trainable, model.head)
+  tx = optim.make_optimizer(config, trainable, model.head,
+                            peft.base.added_paths(model, adapted))
   workdir_lib.write_config(workdir, config)
 
   state = {'step': np.int32(0), 'rng': jax.random.PRNGKey(config.seed),

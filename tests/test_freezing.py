@@ -114,6 +114,30 @@ def test_head_gets_its_own_learning_rate():
   np.testing.assert_allclose(updates['body']['bias'], [-1e-2, -1e-2])
 
 
+def test_params_a_method_added_get_the_peft_learning_rate():
+  """LoRA factors, prompts, ...: the head's rate by default, peft.learning_rate when set."""
+  config = make_config('full')
+  config.optimizer.name = 'sgd'
+  config.optimizer.momentum = 0.0
+  config.optimizer.weight_decay = 0.0
+  config.head_learning_rate = 1.0
+  trainable = {'head': {'bias': jnp.zeros(2)}, 'body': {'bias': jnp.zeros(2),
+                                                        'lora_a': jnp.zeros(2)}}
+  grads = jax.tree.map(jnp.ones_like, trainable)
+
+  def updates(added):
+    tx = optim.make_optimizer(config, trainable, head='head', added=added)
+    return tx.update(grads, tx.init(trainable), trainable)[0]
+
+  assert updates(frozenset())['body']['lora_a'][0] == pytest.approx(-1e-2)
+  assert updates({'body/lora_a'})['body']['lora_a'][0] == pytest.approx(-1.0)
+  config.peft.learning_rate = 0.1
+  moved = updates({'body/lora_a'})
+  assert moved['body']['lora_a'][0] == pytest.approx(-0.1)
+  assert moved['body']['bias'][0] == pytest.approx(-1e-2)
+  assert moved['head']['bias'][0] == pytest.approx(-1.0)
+
+
 def test_regex_matching_nothing_lists_nearest_paths():
   config = make_config('partial', freeze=(r'^blok_0/',))
   with pytest.raises(ValueError, match=r"matches no parameter.*block_0/"):

@@ -13,6 +13,7 @@ start at position 0.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def init_cache(config: dict, batch_size: int, max_length: int,
@@ -28,6 +29,21 @@ def write_cache(layer: dict, k, v, index) -> dict:
   """The layer's cache with k, v [B, T, Hkv, Dh] written at slots [index, index + T)."""
   return {'k': jax.lax.dynamic_update_slice_in_dim(layer['k'], k.astype(layer['k'].dtype), index, 1),
           'v': jax.lax.dynamic_update_slice_in_dim(layer['v'], v.astype(layer['v'].dtype), index, 1)}
+
+
+def batch_and_length(input_ids, inputs_embeds, hidden_size: int, model: str):
+  """(B, T) of a language model's one token input: ids [B, T] or embeddings [B, T, D]."""
+  if (input_ids is None) == (inputs_embeds is None):
+    raise ValueError(f'Give {model} either input_ids or inputs_embeds, not both or neither.')
+  if inputs_embeds is None:
+    dtype, shape = jnp.result_type(input_ids), np.shape(input_ids)
+    if len(shape) != 2 or not jnp.issubdtype(dtype, jnp.integer):
+      raise ValueError(f'input_ids must be integer [batch, length], got {dtype} {shape}.')
+    return shape
+  shape = np.shape(inputs_embeds)
+  if len(shape) != 3 or shape[-1] != hidden_size:
+    raise ValueError(f'inputs_embeds must be [batch, length, {hidden_size}], got {shape}.')
+  return shape[:2]
 
 
 def padding_mask(attention_mask, num_queries: int):

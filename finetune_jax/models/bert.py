@@ -24,6 +24,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -177,12 +178,11 @@ class Embeddings(nn.Module):
   dropout_rate: float
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, train: bool):
-    length = input_ids.shape[1]
+  def __call__(self, input_ids, token_type_ids, positions, train: bool, inputs_embeds=None):
     embed = lambda n, name: nn.Embed(n, self.hidden_size, embedding_init=_normal, name=name)
-    x = embed(self.vocab_size, 'word_embeddings')(input_ids)
-    x = x + embed(self.max_position_embeddings, 'position_embeddings')(
-        jnp.arange(length)[None])
+    x = (embed(self.vocab_size, 'word_embeddings')(input_ids) if inputs_embeds is None
+         else inputs_embeds)
+    x = x + embed(self.max_position_embeddings, 'position_embeddings')(positions)
     x = x + embed(self.type_vocab_size, 'token_type_embeddings')(token_type_ids)
     x = _layer_norm(self.layer_norm_eps)(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
@@ -194,17 +194,21 @@ class SelfAttention(nn.Module):
   dropout_rate: float
 
   @nn.compact
-  def __call__(self, x, mask, train: bool):
+  def __call__(self, x, mask, train: bool, cache_layer=None, index=None):
     batch, length, width = x.shape
     heads = lambda name: _dense(width, name)(x).reshape(
         batch, length, self.num_heads, width // self.num_heads)
+    q, k, v = heads('query'), heads('key'), heads('value')
+    if cache_layer is not None:
+      cache_layer = attention.write_cache(cache_layer, k, v, index)
+      k, v = cache_layer['k'].astype(q.dtype), cache_layer['v'].astype(q.dtype)
     dropout = train and self.dropout_rate > 0
     y = attention.dot_product_attention(
-        heads('query'), heads('key'), heads('value'), mask,
+        q, k, v, mask,
         dropout_rate=self.dropout_rate,
         dropout_rng=self.make_rng('dropout') if dropout else None,
         deterministic=not dropout)
-    return y.reshape(batch, length, width)
+    return y.reshape(batch, length, width), cache_layer
 
 
 class DenseNorm(nn.Module):
@@ -227,11 +231,11 @@ class Attention(nn.Module):
   attention_probs_dropout_prob: float
 
   @nn.compact
-  def __call__(self, x, mask, train: bool):
-    y = SelfAttention(self.num_heads, self.attention_probs_dropout_prob,
-                      name='self')(x, mask, train)
+  def __call__(self, x, mask, train: bool, cache_layer=None, index=None):
+    y, cache_layer = SelfAttention(self.num_heads, self.attention_probs_dropout_prob,
+                                   name='self')(x, mask, train, cache_layer, index)
     return DenseNorm(x.shape[-1], self.layer_norm_eps, self.hidden_dropout_prob,
-                     name='output')(y, x, train)
+                     name='output')(y, x, train), cache_layer
 
 
 class Intermediate(nn.Module):
@@ -253,12 +257,13 @@ class Layer(nn.Module):
   attention_probs_dropout_prob: float
 
   @nn.compact
-  def __call__(self, x, mask, train: bool):
-    x = Attention(self.num_heads, self.layer_norm_eps, self.hidden_dropout_prob,
-                  self.attention_probs_dropout_prob, name='attention')(x, mask, train)
+  def __call__(self, x, mask, train: bool, cache_layer=None, index=None):
+    x, cache_layer = Attention(self.num_heads, self.layer_norm_eps, self.hidden_dropout_prob,
+                               self.attention_probs_dropout_prob, name='attention')(
+                                   x, mask, train, cache_layer, index)
     y = Intermediate(self.intermediate_size, self.gelu_approximate, name='intermediate')(x)
     return DenseNorm(x.shape[-1], self.layer_norm_eps, self.hidden_dropout_prob,
-                     name='output')(y, x, train)
+                     name='output')(y, x, train), cache_layer
 
 
 class Pooler(nn.Module):
@@ -281,6 +286,13 @@ class BertEncoder(nn.Module):
 
   attention_mask [B, T]: 1 for real tokens, 0 for padding (keys only, as HF).
   token_type_ids [B, T]: segment ids, zeros by default.
+  inputs_embeds [B, T, D]: word embeddings in place of input_ids (HF's
+    inputs_embeds; prompt tuning prepends learned ones).
+  cache: key/value slots from attention.init_cache (HF's past_key_values;
+    prefix tuning fills the first ones). The T tokens write slots
+    [index, index + T), attend to every slot the mask [B, S] keeps (an
+    encoder: no causal mask) and take positions index + t, as transformers
+    4's BERT did with past_key_values. The updated cache comes back as 'cache'.
   `train=True` enables dropout (rng 'dropout').
   """
   vocab_size: int = 30522
@@ -300,28 +312,46 @@ class BertEncoder(nn.Module):
   num_classes: int = 0
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
-               train: bool = False) -> dict[str, Any]:
-    input_ids = jnp.asarray(input_ids)
-    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-      raise ValueError(f'input_ids must be integer [batch, length], got '
-                       f'{input_ids.dtype} {input_ids.shape}.')
-    length = input_ids.shape[1]
-    if length > self.max_position_embeddings:
+  def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *,
+               inputs_embeds=None, cache=None, train: bool = False) -> dict[str, Any]:
+    batch, length = attention.batch_and_length(input_ids, inputs_embeds, self.hidden_size,
+                                               'BERT')
+    index = 0 if cache is None else cache['index']
+    slots = length if cache is None else cache['layers'][0]['k'].shape[1]
+    if slots > self.max_position_embeddings:
       raise ValueError(
-          f'Sequence length {length} exceeds this BERT\'s {self.max_position_embeddings} '
+          f'Sequence length {slots} exceeds this BERT\'s {self.max_position_embeddings} '
           'positions. Truncate the text to the model\'s context when tokenizing '
           '(the data config\'s max length) or split it into shorter pieces.')
+    if cache is not None and len(cache['layers']) != self.num_layers:
+      raise ValueError(f'The cache has {len(cache["layers"])} layers, the model '
+                       f'{self.num_layers}: build it with attention.init_cache.')
+    if attention_mask is not None and tuple(np.shape(attention_mask)) != (batch, slots):
+      raise ValueError(f'attention_mask has shape {tuple(np.shape(attention_mask))}; '
+                       f'expected {(batch, slots)} (one per '
+                       f'{"cache slot" if cache is not None else "input token"}).')
     if token_type_ids is None:
-      token_type_ids = jnp.zeros_like(input_ids)
+      token_type_ids = jnp.zeros((batch, length), jnp.int32)
+    positions = index + jnp.arange(length)[None]
     x = Embeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
                    self.type_vocab_size, self.layer_norm_eps, self.hidden_dropout_prob,
-                   name='embeddings')(input_ids, token_type_ids, train)
+                   name='embeddings')(input_ids, token_type_ids, positions, train,
+                                      inputs_embeds)
     mask = attention.padding_mask(attention_mask, length)
+    if cache is not None:  # slots not yet written hold nothing to attend to
+      mask = attention.combine(mask, (jnp.arange(slots) < index + length)[None, None, None])
+    new_layers = []
     for i in range(self.num_layers):
-      x = Layer(self.num_heads, self.intermediate_size, self.layer_norm_eps,
-                self.gelu_approximate, self.hidden_dropout_prob,
-                self.attention_probs_dropout_prob, name=f'layer_{i}')(x, mask, train)
+      x, layer = Layer(self.num_heads, self.intermediate_size, self.layer_norm_eps,
+                       self.gelu_approximate, self.hidden_dropout_prob,
+                       self.attention_probs_dropout_prob, name=f'layer_{i}')(
+                           x, mask, train, None if cache is None else cache['layers'][i],
+                           index)
+      new_layers.append(layer)
+    if cache is not None and attention_mask is not None:
+      # Pooling reads the new tokens' own mask entries.
+      attention_mask = jax.lax.dynamic_slice_in_dim(jnp.asarray(attention_mask), index,
+                                                    length, axis=1)
     out = {'last_hidden_state': x}
     if self.add_pooler:
       out['pooler_output'] = Pooler(name='pooler')(x)
@@ -333,4 +363,6 @@ class BertEncoder(nn.Module):
       features = x[:, 0]
     out.update(layers.classifier_outputs(features, self.num_classes,
                                          self.classifier_dropout, train))
+    if cache is not None:
+      out['cache'] = {'index': cache['index'] + length, 'layers': new_layers}
     return out

@@ -15,7 +15,8 @@ HF's Conv1D weights are already (in, out), the layout of a Dense kernel.
 
 The decoder contract (shared with Llama, relied on by `generate`):
   apply({'params': p}, input_ids, attention_mask=None, *, positions=None,
-        cache=None, train=False) -> {'logits', 'last_hidden_state'[, 'cache']}
+        cache=None, inputs_embeds=None, train=False)
+  -> {'logits', 'last_hidden_state'[, 'cache']}
 See models/attention.py for the cache layout.
 """
 import functools
@@ -226,6 +227,8 @@ class GPT2(nn.Module):
     starts at position 0.
   cache: attention.init_cache(config, B, S); the updated one is returned as
     'cache'. `train=True` enables dropout (rng 'dropout').
+  inputs_embeds [B, T, D]: token embeddings in place of input_ids (HF's
+    inputs_embeds; prompt tuning prepends learned ones).
   """
   vocab_size: int = 50257
   max_position_embeddings: int = 1024
@@ -242,12 +245,10 @@ class GPT2(nn.Module):
   scale_attn_by_inverse_layer_idx: bool = False
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None,
-               train: bool = False):
-    input_ids = jnp.asarray(input_ids)
-    if input_ids.ndim != 2:
-      raise ValueError(f'input_ids must be [batch, length], got shape {input_ids.shape}.')
-    batch, length = input_ids.shape
+  def __call__(self, input_ids=None, attention_mask=None, *, positions=None, cache=None,
+               inputs_embeds=None, train: bool = False):
+    batch, length = attention.batch_and_length(input_ids, inputs_embeds, self.hidden_size,
+                                               'GPT-2')
     if cache is None:
       index, num_keys = 0, length
       if positions is None and length > self.max_position_embeddings:
@@ -271,7 +272,8 @@ class GPT2(nn.Module):
     wte = nn.Embed(self.vocab_size, self.hidden_size, embedding_init=_normal, name='wte')
     wpe = nn.Embed(self.max_position_embeddings, self.hidden_size,
                    embedding_init=_normal, name='wpe')
-    x = wte(input_ids) + wpe(jnp.asarray(positions, jnp.int32))
+    x = wte(jnp.asarray(input_ids)) if inputs_embeds is None else jnp.asarray(inputs_embeds)
+    x = x + wpe(jnp.asarray(positions, jnp.int32))
     x = nn.Dropout(self.embd_pdrop)(x, deterministic=not train)
     layers = []
     for i in range(self.num_layers):
@@ -291,3 +293,4 @@ class GPT2(nn.Module):
     if cache is not None:
       out['cache'] = {'index': cache['index'] + length, 'layers': layers}
     return out
+

@@ -24,7 +24,7 @@ are refused rather than silently run unscaled.
 
 Call contract (shared by the decoders, see models/attention.py for the cache):
   module.apply({'params': p}, input_ids [B, T], attention_mask=None, *,
-               positions=None, cache=None, train=False)
+               positions=None, cache=None, inputs_embeds=None, train=False)
   -> {'logits' [B, T, V] float32, 'last_hidden_state' [B, T, D] (after the
       final norm, as HF's), 'cache' (only when a cache was given)}.
 """
@@ -298,6 +298,8 @@ class LlamaForCausalLM(nn.Module):
   `sliding_window` slots when set), and `attention_mask` [B, S] (1 = real
   token) covers the whole cache. Positions default to the slot numbers; give
   them explicitly for left-padded prompts so that text starts at 0.
+  inputs_embeds [B, T, D] replaces input_ids (HF's inputs_embeds; prompt
+  tuning prepends learned ones).
   """
   vocab_size: int
   hidden_size: int
@@ -318,12 +320,12 @@ class LlamaForCausalLM(nn.Module):
   initializer_range: float = 0.02
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None,
-               train: bool = False) -> dict[str, Any]:
-    input_ids = jnp.asarray(input_ids)
+  def __call__(self, input_ids=None, attention_mask=None, *, positions=None, cache=None,
+               inputs_embeds=None, train: bool = False) -> dict[str, Any]:
+    batch, length = attention.batch_and_length(input_ids, inputs_embeds, self.hidden_size,
+                                               'Llama')
     if attention_mask is not None:
       attention_mask = jnp.asarray(attention_mask)
-    batch, length = input_ids.shape
     slots = length if cache is None else cache['layers'][0]['k'].shape[1]
     if slots > self.max_position_embeddings:
       raise ValueError(
@@ -351,7 +353,7 @@ class LlamaForCausalLM(nn.Module):
 
     embed = nn.Embed(self.vocab_size, self.hidden_size, name='embed_tokens',
                      embedding_init=nn.initializers.normal(self.initializer_range))
-    x = embed(input_ids)
+    x = embed(jnp.asarray(input_ids)) if inputs_embeds is None else jnp.asarray(inputs_embeds)
     new_layers = []
     for i in range(self.num_layers):
       x, layer_cache = LlamaDecoderLayer(

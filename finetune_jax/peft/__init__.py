@@ -6,6 +6,8 @@ from finetune_jax.peft import ia3
 from finetune_jax.peft import linear_probe
 from finetune_jax.peft import lora
 from finetune_jax.peft import partial
+from finetune_jax.peft import prefix_tuning
+from finetune_jax.peft import prompt_tuning
 from finetune_jax.peft.base import Adapted
 
 METHODS = {
@@ -17,6 +19,8 @@ METHODS = {
     'dora': lora.adapt_dora,
     'ia3': ia3.adapt,
     'adapter': adapter.adapt,
+    'prompt_tuning': prompt_tuning.adapt,
+    'prefix_tuning': prefix_tuning.adapt,
 }
 
 

@@ -33,6 +33,11 @@ def freeze_all_but(model, is_trainable: Callable[[str], bool]) -> Adapted:
   return Adapted(model.module, model.params, trainable)
 
 
+def added_paths(model, adapted: Adapted) -> frozenset:
+  """The trainable params the method added (LoRA factors, prompts, ...): not pretrained."""
+  return adapted.trainable - paths.flatten(model.params).keys()
+
+
 def is_head(model, path: str) -> bool:
   return path.startswith(model.head + '/')
 
