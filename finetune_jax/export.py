@@ -2,12 +2,14 @@
 
   python -m finetune_jax.export --workdir <run> --format {peft,merged,adapter} --out <dir>
 
-  peft     HF PEFT: adapter_config.json + adapter_model.safetensors (LoRA, DoRA, IA3),
-           a trained head as modules_to_save; load it with
+  peft     HF PEFT: adapter_config.json + adapter_model.safetensors (LoRA, DoRA, IA3,
+           prompt tuning, prefix tuning but not on BERT), a trained head as
+           modules_to_save; load it with
            peft.PeftModel.from_pretrained(<the base model in transformers>, <dir>).
   merged   a transformers model dir (config.json + model.safetensors, tokenizer,
            preprocessor config) with the LoRA/DoRA updates or IA3 vectors folded in; any
-           method whose params are the plain model exports too.
+           method whose params are the plain model exports too (prompts and
+           prefixes do not fold into weights: they have none).
   adapter  the trainable params alone under our param paths (adapter.json +
            adapter.safetensors), for `--config.peft.init_from` here.
 

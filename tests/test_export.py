@@ -414,6 +414,23 @@ def test_peft_made_ia3_adapter_imports(zoo, tmp_path, family, unit_q):
       np.testing.assert_array_equal(paths.flatten(ours.params)[p], v, err_msg=p)
 
 
+class _ScaledCheckpointer:
+  """A step-1 checkpoint: the params the run starts from, times 1.1."""
+
+  def __init__(self, *args):
+    pass
+
+  def latest_step(self):
+    return 1
+
+  def restore(self, like, step):
+    return {**like, 'step': np.int32(step),
+            'trainable': jax.tree.map(lambda v: v * 1.1, like['trainable'])}
+
+  def close(self):
+    pass
+
+
 def test_run_from_a_peft_ia3_adapter_exports(zoo, tmp_path, monkeypatch):
   """export.restore rebuilds the run from peft.init_from as training did, so a
   whole (q|k|v) c_attn vector keeps its shape through the checkpoint."""
@@ -427,21 +444,7 @@ def test_run_from_a_peft_ia3_adapter_exports(zoo, tmp_path, monkeypatch):
   (workdir / 'checkpoints' / '1').mkdir(parents=True)
   (workdir / 'config.json').write_text(json.dumps(config.to_dict()))
 
-  class Checkpointer:  # a step-1 checkpoint: the starting vectors, times 1.1
-    def __init__(self, *args):
-      pass
-
-    def latest_step(self):
-      return 1
-
-    def restore(self, like, step):
-      return {**like, 'step': np.int32(step),
-              'trainable': jax.tree.map(lambda v: v * 1.1, like['trainable'])}
-
-    def close(self):
-      pass
-
-  monkeypatch.setattr(export.checkpoint, 'Checkpointer', Checkpointer)
+  monkeypatch.setattr(export.checkpoint, 'Checkpointer', _ScaledCheckpointer)
   export.export(str(workdir), 'peft', str(tmp_path / 'out'))
   start, out = (safetensors.numpy.load_file(str(tmp_path / d / hf_format.PEFT_WEIGHTS))
                 for d in ('start', 'out'))
@@ -510,6 +513,205 @@ def test_mismatched_ia3_adapters_are_refused_by_name(zoo, tmp_path):
     hf_format.load_adapter(peft.adapt(bert, _ia3_config()), bert, str(lora_dir))
 
 
+# ------------------------------------------------------------------ prompt and prefix tuning
+
+P = 3  # virtual tokens
+
+
+def _virtual_config(method, n=P, **options):
+  c = base_config.get_config().peft
+  c.method = method
+  c[method].update({'num_virtual_tokens': n, **options})
+  return c
+
+
+def _randomise_virtual(params, seed=1):
+  """Prompts and prefixes moved off their init and a new head, so every mapping shows."""
+  rng = np.random.default_rng(seed)
+  flat = paths.flatten(params)
+  for p, v in flat.items():
+    if p.startswith(('prompt_embeddings', 'prefix/')):
+      flat[p] = v + jnp.asarray(0.5 * rng.standard_normal(v.shape), v.dtype)
+    elif p.startswith('head/'):
+      flat[p] = jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype)
+  return paths.unflatten(flat)
+
+
+def _theirs_virtual(torch_model, family, method, inputs):
+  """HF's logits for the input tokens: a decoder's prompt positions get logits there too."""
+  logits = _theirs(torch_model, family, inputs)
+  return logits[:, P:] if method == 'prompt_tuning' and family != 'bert' else logits
+
+
+# family, method, our options: the Llama prefix (GQA) trained through an MLP.
+VIRTUAL_EXPORT_CASES = [
+    ('bert', 'prompt_tuning', {}), ('gpt2', 'prompt_tuning', {}),
+    ('llama', 'prompt_tuning', {}), ('gpt2', 'prefix_tuning', {}),
+    ('llama', 'prefix_tuning', dict(projection_size=16)),
+]
+
+
+@pytest.mark.parametrize('family, method, options', VIRTUAL_EXPORT_CASES,
+                         ids=[f'{f}-{m}{"-mlp" if o else ""}'
+                              for f, m, o in VIRTUAL_EXPORT_CASES])
+def test_virtual_tokens_export_loads_in_peft(zoo, tmp_path, family, method, options):
+  from peft import PeftModel
+  hf, hf_path, model = zoo[family]
+  adapted = peft.adapt(model, _virtual_config(method, **options))
+  params = _randomise_virtual(adapted.params)
+  inputs = _inputs(family)
+  ours = _ours(adapted.module, params, inputs)
+  assert np.abs(ours - _theirs(hf, family, inputs)).max() > 1e-2, 'the prompt shows'
+
+  out = tmp_path / 'peft'
+  hf_format.save_peft(model, adapted, params, str(out), method=method, base_model=hf_path)
+  config = json.loads((out / hf_format.PEFT_CONFIG).read_text())
+  assert config['peft_type'] == method.upper() and config['num_virtual_tokens'] == P
+  assert config['modules_to_save'] == (['classifier'] if family == 'bert' else None)
+  assert config.get('prefix_projection') in (None, False)  # the MLP's output, not the MLP
+  loaded = PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
+  assert np.abs(_theirs_virtual(loaded, family, method, inputs) - ours).max() <= TOL
+  # PEFT saves back the tensors we wrote.
+  loaded.save_pretrained(str(tmp_path / 'resaved'))
+  ours_file = safetensors.numpy.load_file(str(out / hf_format.PEFT_WEIGHTS))
+  theirs_file = safetensors.numpy.load_file(str(tmp_path / 'resaved' / hf_format.PEFT_WEIGHTS))
+  assert sorted(ours_file) == sorted(theirs_file)
+  for key, value in ours_file.items():
+    np.testing.assert_array_equal(theirs_file[key], value, err_msg=key)
+  # And it imports back: a prefix as keys and values (projection_size=0).
+  back = hf_format.load_adapter(peft.adapt(model, _virtual_config(method)), model, str(out))
+  assert np.abs(_ours(back.module, back.params, inputs) - ours).max() <= TOL
+
+
+def _peft_virtual(hf, family, method, path, projection=False):
+  """A prompt or prefix adapter made and saved by HF PEFT, its values and head randomised."""
+  import torch
+  from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+  task = 'SEQ_CLS' if family == 'bert' else 'CAUSAL_LM'
+  if method == 'prompt_tuning':
+    config = PromptTuningConfig(task_type=task, num_virtual_tokens=P)
+  else:
+    config = PrefixTuningConfig(task_type=task, num_virtual_tokens=P,
+                                prefix_projection=projection, encoder_hidden_size=16)
+  torch.manual_seed(6)
+  theirs = get_peft_model(copy.deepcopy(hf), config).eval()
+  with torch.no_grad():
+    for name, p in theirs.named_parameters():
+      if 'prompt_encoder' in name and 'embedding' in name:
+        p.normal_(0.0, 0.5)
+      elif 'modules_to_save' in name:
+        p.mul_(torch.rand_like(p) + 0.5)
+  theirs.save_pretrained(str(path))
+  return theirs
+
+
+# family, method, prefix_projection: PEFT saves an MLP's output as the prefix.
+VIRTUAL_IMPORT_CASES = [('bert', 'prompt_tuning', False), ('llama', 'prompt_tuning', False),
+                        ('gpt2', 'prefix_tuning', False), ('llama', 'prefix_tuning', True)]
+
+
+@pytest.mark.parametrize('family, method, projection', VIRTUAL_IMPORT_CASES,
+                         ids=[f'{f}-{m}{"-mlp" if p else ""}'
+                              for f, m, p in VIRTUAL_IMPORT_CASES])
+def test_peft_made_virtual_tokens_import(zoo, tmp_path, family, method, projection):
+  hf, _, model = zoo[family]
+  theirs = _peft_virtual(hf, family, method, tmp_path, projection)
+  inputs = _inputs(family)
+  expected = _theirs_virtual(theirs, family, method, inputs)
+  adapted = peft.adapt(model, _virtual_config(method))
+  assert np.abs(expected - _ours(adapted.module, adapted.params, inputs)).max() > 1e-2
+  loaded = hf_format.load_adapter(adapted, model, str(tmp_path))
+  assert np.abs(_ours(loaded.module, loaded.params, inputs) - expected).max() <= TOL
+  before, after = paths.flatten(adapted.params), paths.flatten(loaded.params)
+  changed = {p for p in before if not np.array_equal(before[p], after[p])}
+  assert changed == adapted.trainable
+
+
+def test_our_adapter_format_round_trips_virtual_tokens(zoo, tmp_path):
+  _, _, model = zoo['bert']
+  for method, options in (('prompt_tuning', {}), ('prefix_tuning', dict(projection_size=8))):
+    cfg = _virtual_config(method, **options)
+    adapted = peft.adapt(model, cfg)
+    params = _randomise_virtual(adapted.params)
+    out = tmp_path / method
+    hf_format.save_adapter(model, adapted, params, str(out), method=method, base_model='x')
+    assert set(safetensors.numpy.load_file(str(out / hf_format.OUR_WEIGHTS))) == adapted.trainable
+    loaded = hf_format.load_adapter(peft.adapt(model, cfg), model, str(out))
+    for p, v in paths.flatten(params).items():
+      np.testing.assert_array_equal(paths.flatten(loaded.params)[p], v, err_msg=p)
+    with pytest.raises(ValueError, match=r'\(path, adapter shape, our shape\) differ'):
+      hf_format.load_adapter(peft.adapt(model, _virtual_config(method, n=4, **options)),
+                             model, str(out))
+
+
+def test_mismatched_virtual_tokens_are_refused_by_name(zoo, tmp_path, bert_adapter):
+  bert, gpt2, llama = zoo['bert'][2], zoo['gpt2'][2], zoo['llama'][2]
+  prompt, prefix = tmp_path / 'prompt', tmp_path / 'prefix'
+  _peft_virtual(zoo['bert'][0], 'bert', 'prompt_tuning', prompt)
+  _peft_virtual(zoo['gpt2'][0], 'gpt2', 'prefix_tuning', prefix)
+  cases = [
+      (bert, _virtual_config('prompt_tuning', n=4), prompt,
+       r'has num_virtual_tokens=3; this run uses 4 \(peft.prompt_tuning.num_virtual_tokens\)\. '
+       r'Set --config.peft.prompt_tuning.num_virtual_tokens=3'),
+      (gpt2, _virtual_config('prefix_tuning', n=2), prefix,
+       r'--config.peft.prefix_tuning.num_virtual_tokens=3'),
+      (bert, _peft_config('lora'), prompt,
+       r'prompt-tuning adapter; set --config.peft.method=prompt_tuning'),
+      (gpt2, _virtual_config('prompt_tuning'), prefix,
+       r'prefix-tuning adapter; set --config.peft.method=prefix_tuning'),
+      (gpt2, _virtual_config('prefix_tuning', projection_size=8), prefix,
+       r'stores the prefix itself.*--config.peft.prefix_tuning.projection_size=0'),
+      (llama, _virtual_config('prefix_tuning'), prefix,
+       r"base model whose token_dim=32, num_layers=2, num_attention_heads=4 \(prompt_embeddings "
+       r"\(3, 128\)\); this run's model \(llama\) has token_dim=16, num_layers=2, "
+       r'num_attention_heads=2 .*--config.pretrained'),
+      (bert, _virtual_config('prompt_tuning'), bert_adapter,
+       r'LoRA adapter; set --config.peft.method=lora'),
+      (gpt2, _virtual_config('prefix_tuning', projection_size=8), bert_adapter,
+       r"base model whose adapted modules are .*bert\.encoder.*\(gpt2\) has no module"),
+  ]
+  for model, cfg, path, message in cases:
+    with pytest.raises(ValueError, match=message):
+      hf_format.load_adapter(peft.adapt(model, cfg), model, str(path))
+  headless = models.load_pretrained(zoo['bert'][1], num_classes=0, pooling='pooler')
+  with pytest.raises(ValueError, match=r'trained classifier \(3 classes\).*num_classes=3'):
+    hf_format.load_adapter(peft.adapt(headless, _virtual_config('prompt_tuning')), headless,
+                           str(prompt))
+  # Exports that cannot be: BERT prefixes for HF PEFT, any merged prompt or prefix.
+  adapted = peft.adapt(bert, _virtual_config('prefix_tuning'))
+  with pytest.raises(ValueError, match=r"prefix_tuning' on BERT has no HF PEFT export: "
+                     r"transformers 5's BERT takes no past_key_values.*--format adapter"):
+    hf_format.save_peft(bert, adapted, adapted.params, str(tmp_path / 'out'),
+                        method='prefix_tuning')
+  assert not (tmp_path / 'out').exists()
+  with pytest.raises(ValueError, match=r"'prefix_tuning' learns positions ahead of the input"):
+    hf_format.save_merged(bert, adapted, adapted.params, str(tmp_path / 'out'),
+                          method='prefix_tuning')
+
+
+def test_run_from_a_peft_prompt_exports(zoo, tmp_path, monkeypatch):
+  """export.export of a prompt-tuning run started from a PEFT prompt: its trained
+  prompt in PEFT's file, and no merged model."""
+  hf, hf_path, _ = zoo['llama']
+  _peft_virtual(hf, 'llama', 'prompt_tuning', tmp_path / 'start')
+  config = base_config.get_config()
+  config.pretrained = hf_path
+  config.peft = _virtual_config('prompt_tuning')
+  config.peft.init_from = str(tmp_path / 'start')
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints' / '1').mkdir(parents=True)
+  (workdir / 'config.json').write_text(json.dumps(config.to_dict()))
+  monkeypatch.setattr(export.checkpoint, 'Checkpointer', _ScaledCheckpointer)
+  export.export(str(workdir), 'peft', str(tmp_path / 'out'))
+  start, out = (safetensors.numpy.load_file(str(tmp_path / d / hf_format.PEFT_WEIGHTS))
+                for d in ('start', 'out'))
+  assert sorted(out) == [hf_format.PROMPT_KEY]
+  np.testing.assert_allclose(out[hf_format.PROMPT_KEY], start[hf_format.PROMPT_KEY] * 1.1,
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match=r"'prompt_tuning' learns positions ahead of the input"):
+    export.export(str(workdir), 'merged', str(tmp_path / 'merged'))
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -558,8 +760,8 @@ def test_formats_refuse_what_they_cannot_hold(zoo, tmp_path):
   with pytest.raises(ValueError, match="--format peft is not supported yet for "
                      "peft.method='adapter'"):
     hf_format.save_peft(model, full, full.params, str(tmp_path), method='adapter')
-  with pytest.raises(ValueError, match="--format merged is not supported yet for "
-                     "peft.method='prompt_tuning'"):
+  with pytest.raises(ValueError, match="peft.method='prompt_tuning' learns positions ahead "
+                     "of the input.*no merged model.*--format peft"):
     hf_format.merged_params(full, full.params, method='prompt_tuning')
   resnet = models.load_pretrained('resnet-tiny', num_classes=3)
   with pytest.raises(ValueError, match="family 'resnet' has no Hugging Face layout"):

@@ -1,14 +1,13 @@
 """Prompt and prefix tuning: what the model sees, training invariants, counts, HF PEFT parity."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from finetune_jax import base_config
-from finetune_jax import models
 from finetune_jax import peft
 from finetune_jax import sampling
 from finetune_jax import tasks
+from finetune_jax.peft import hf_format
 from finetune_jax.peft import paths
 from finetune_jax.peft import prefix_tuning
 from finetune_jax.peft import prompt_tuning
@@ -298,12 +297,11 @@ def test_prefix_tuning_matches_hf_peft(hf_zoo, family):
   adapted = peft.adapt(ours, peft_config('prefix_tuning'))
   params = perturb(adapted.params)
   own = params[prefix_tuning.KEY]
-  layout = jnp.stack([own['keys'], own['values']], axis=2).swapaxes(0, 1)  # (P, L, 2, H, Dh)
   hf_peft = get_peft_model(copy.deepcopy(hf), PrefixTuningConfig(
       task_type='CAUSAL_LM', num_virtual_tokens=P)).eval()
   with torch.no_grad():
     hf_peft.prompt_encoder['default'].embedding.weight.copy_(
-        torch.tensor(np.asarray(layout).reshape(P, -1)))
+        torch.tensor(hf_format.prefix_rows(own['keys'], own['values'])))
   ids, mask = _ids(family)
   mine = np.asarray(adapted.module.apply({'params': params}, ids, mask)['logits'])
   np.testing.assert_allclose(mine, _hf_logits(hf_peft, ids, mask), rtol=1e-4, atol=1e-4)

@@ -1,6 +1,7 @@
 """Adapters and merged models in Hugging Face layouts, written and read back.
 
-  save_peft(...)      adapter_config.json + adapter_model.safetensors (HF PEFT LoRA/DoRA/IA3)
+  save_peft(...)      adapter_config.json + adapter_model.safetensors (HF PEFT LoRA/DoRA/IA3,
+                      prompt and prefix tuning)
   save_merged(...)    config.json + model.safetensors (transformers), updates folded in
   save_adapter(...)   adapter.json + adapter.safetensors: the trainable params, our paths
   load_adapter(adapted, model, dir)   either kind of adapter dir, onto an adapted model
@@ -20,6 +21,14 @@ exception is ViT under transformers >= 5: its modules were renamed (q_proj,
 mlp.fc1, ...) while its checkpoints kept the old names, and PEFT keys follow
 the modules. Exports use the installed transformers' naming (v5 without one);
 imports read both.
+
+Prompt and prefix tuning (PEFT's prompt learning) adapt no module: their one
+tensor is 'prompt_embeddings', with no prefix; a head is 'base_model.<name>'
+(PEFT wraps the transformers model directly). Prompt tuning's is our prompt
+(P, D). Prefix tuning's is (P, layers * 2 * kv_heads * head_dim), laid out
+(P, layer, key|value, kv head, dim): what PEFT views as past_key_values.
+PEFT saves that prefix, never its MLP (prefix_projection), so a prefix trained
+through an MLP exports as the prefix the MLP makes, and imports as such.
 """
 import collections
 import dataclasses
@@ -42,12 +51,20 @@ from finetune_jax.convert import vit as convert_vit
 from finetune_jax.peft import ia3
 from finetune_jax.peft import lora
 from finetune_jax.peft import paths
+from finetune_jax.peft import prefix_tuning
+from finetune_jax.peft import prompt_tuning
+from finetune_jax.peft import virtual_tokens
 
 PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'
 OUR_CONFIG, OUR_WEIGHTS = 'adapter.json', 'adapter.safetensors'
 OUR_FORMAT = 'finetune_jax.adapter'
 PEFT_PREFIX = 'base_model.model.'
-PEFT_METHODS = ('lora', 'dora', 'ia3')
+FOLDING_METHODS = ('lora', 'dora', 'ia3')  # updates that fold into the weights
+VIRTUAL_METHODS = ('prompt_tuning', 'prefix_tuning')  # positions before the input: no folding
+PEFT_METHODS = FOLDING_METHODS + VIRTUAL_METHODS
+VIRTUAL_TYPES = {'PROMPT_TUNING': 'prompt_tuning', 'PREFIX_TUNING': 'prefix_tuning'}
+PROMPT_KEY = 'prompt_embeddings'  # prompt learning's one tensor in PEFT's file
+PROMPT_HEAD_PREFIX = 'base_model.'  # its modules_to_save keys: no tuner model in between
 # Methods whose params are the plain model: a merged export is the params as they are.
 PLAIN_METHODS = ('full', 'linear_probe', 'bitfit', 'partial')
 _TORCH_METADATA = {'format': 'pt'}  # what transformers and PEFT expect in the header
@@ -120,6 +137,12 @@ def _lora_hook(adapted):
 def _ia3_hook(adapted):
   hook = getattr(adapted.module, 'hook', None)
   return hook if isinstance(hook, ia3.Hook) else None
+
+
+def _virtual(adapted):
+  """The prompt- or prefix-tuning module, or None for other methods."""
+  module = adapted.module
+  return module if isinstance(module, virtual_tokens.VirtualTokens) else None
 
 
 def _ia3_modules(flat: dict) -> list:
@@ -225,10 +248,11 @@ def _unsupported(method: str, fmt: str, supported) -> ValueError:
 
 def save_peft(model, adapted, params, out_dir: str, *, method: str,
               base_model: str | None = None) -> None:
-  """Writes the HF PEFT layout of a LoRA/DoRA/IA3 run (params: adapted, trained)."""
+  """Writes the HF PEFT layout of a LoRA/DoRA/IA3/prompt/prefix run (params: adapted, trained)."""
   hook = _lora_hook(adapted)
   hook = _ia3_hook(adapted) if hook is None else hook
-  if method not in PEFT_METHODS or hook is None:
+  virtual = _virtual(adapted)
+  if method not in PEFT_METHODS or (hook is None and virtual is None):
     if method in PLAIN_METHODS:
       raise ValueError(f'peft.method={method!r} trains no adapter, so there is nothing for '
                        'the PEFT format to hold. Export it with --format merged.')
@@ -240,14 +264,17 @@ def save_peft(model, adapted, params, out_dir: str, *, method: str,
   head = _head_tensors(model, flat)
   common = {'task_type': fam.task_type[0 if _has_head(model) else 1],
             'base_model_name_or_path': base_model, 'revision': None,
-            'fan_in_fan_out': fam.fan_in_fan_out,
             'modules_to_save': sorted({k.rsplit('.', 1)[0] for k in head}) or None,
             'inference_mode': True}
-  if isinstance(hook, ia3.Hook):
-    tensors, config = _ia3_tensors(model, hook, flat)
+  if virtual is not None:
+    tensors, config = _virtual_tensors(model, virtual, params)
+    head_prefix = PROMPT_HEAD_PREFIX
   else:
-    tensors, config = _lora_tensors(model, hook, flat)
-  tensors.update({PEFT_PREFIX + k: v for k, v in head.items()})
+    make = _ia3_tensors if isinstance(hook, ia3.Hook) else _lora_tensors
+    tensors, config = make(model, hook, flat)
+    config['fan_in_fan_out'] = fam.fan_in_fan_out
+    head_prefix = PEFT_PREFIX
+  tensors.update({head_prefix + k: v for k, v in head.items()})
   os.makedirs(out_dir, exist_ok=True)
   _write_json({**config, **common}, os.path.join(out_dir, PEFT_CONFIG))
   _write_safetensors(tensors, os.path.join(out_dir, PEFT_WEIGHTS), _TORCH_METADATA)
@@ -298,6 +325,47 @@ def _ia3_tensors(model, hook, flat: dict) -> tuple[dict, dict]:
       'exclude_modules': None, 'init_ia3_weights': True}
 
 
+def _virtual_tensors(model, module, params) -> tuple[dict, dict]:
+  """PEFT's 'prompt_embeddings' and its prompt-learning config fields."""
+  layers, kv_heads, head_dim = module.spec
+  fields = {'num_virtual_tokens': module.num_virtual_tokens, 'num_transformer_submodules': 1,
+            'num_layers': layers}
+  if isinstance(module, prompt_tuning.PromptTuned):
+    prompt = np.asarray(params[prompt_tuning.KEY])
+    # PEFT draws a new prompt by prompt_tuning_init; a saved one replaces it, and
+    # TEXT would make PEFT load a tokenizer, so RANDOM.
+    return {PROMPT_KEY: prompt}, {
+        **fields, 'peft_type': 'PROMPT_TUNING', 'token_dim': prompt.shape[-1],
+        'num_attention_heads': model.config['num_heads'], 'prompt_tuning_init': 'RANDOM',
+        'prompt_tuning_init_text': None, 'tokenizer_name_or_path': None,
+        'tokenizer_kwargs': None}
+  if model.config['model'] == 'bert':
+    raise ValueError(
+        "peft.method='prefix_tuning' on BERT has no HF PEFT export: transformers 5's BERT "
+        'takes no past_key_values, so HF PEFT cannot run a prefix on it. Export it with '
+        '--format adapter (our own layout, for --config.peft.init_from here).')
+  keys, values = module.prefixes(params[prefix_tuning.KEY])
+  width = kv_heads * head_dim  # PEFT's token_dim for a prefix: the key/value width (GQA)
+  return {PROMPT_KEY: prefix_rows(keys, values)}, {
+      **fields, 'peft_type': 'PREFIX_TUNING', 'token_dim': width,
+      'num_attention_heads': kv_heads, 'encoder_hidden_size': width,
+      'prefix_projection': False, 'init_weights': None}
+
+
+def prefix_rows(keys, values) -> np.ndarray:
+  """(P, layers * 2 * kv_heads * head_dim) from keys and values (layers, P, kv_heads,
+  head_dim): per virtual token, layer by layer, key then value (PEFT's layout)."""
+  stacked = np.stack([np.asarray(keys), np.asarray(values)], axis=2)  # (L, P, 2, H, Dh)
+  return stacked.swapaxes(0, 1).reshape(stacked.shape[1], -1)
+
+
+def prefix_from_rows(rows, spec) -> tuple:
+  """(keys, values), each (layers, P, kv_heads, head_dim): prefix_rows undone."""
+  layers, kv_heads, head_dim = spec
+  out = np.asarray(rows).reshape(len(rows), layers, 2, kv_heads, head_dim)
+  return out[:, :, 0].swapaxes(0, 1), out[:, :, 1].swapaxes(0, 1)
+
+
 def merged_params(adapted, params, *, method: str) -> dict:
   """Plain model params: LoRA/DoRA updates or IA3 vectors folded in, other plain
   methods as they are."""
@@ -307,7 +375,12 @@ def merged_params(adapted, params, *, method: str) -> dict:
     return ia3.merge(adapted.module, params)
   if method in PLAIN_METHODS:
     return params
-  raise _unsupported(method, 'merged', PEFT_METHODS + PLAIN_METHODS)
+  if method in VIRTUAL_METHODS or _virtual(adapted) is not None:
+    raise ValueError(
+        f'peft.method={method!r} learns positions ahead of the input, which no weight of the '
+        'model can hold: there is no merged model to write. Export it with --format peft '
+        '(HF PEFT, for peft.PeftModel.from_pretrained) or --format adapter.')
+  raise _unsupported(method, 'merged', FOLDING_METHODS + PLAIN_METHODS)
 
 
 def save_merged(model, adapted, params, out_dir: str, *, method: str) -> None:
@@ -348,9 +421,10 @@ def save_adapter(model, adapted, params, out_dir: str, *, method: str,
 def load_adapter(adapted, model, path: str):
   """`adapted` with its adapter (and head) params taken from the adapter dir `path`.
 
-  Reads an HF PEFT dir (LoRA/DoRA/IA3) or one from `--format adapter`. Anything
-  about the adapter's base model or method that disagrees with this run is
-  one ValueError naming both sides and the config change that fixes it.
+  Reads an HF PEFT dir (LoRA/DoRA/IA3, prompt or prefix tuning) or one from
+  `--format adapter`. Anything about the adapter's base model or method that
+  disagrees with this run is one ValueError naming both sides and the config
+  change that fixes it.
   """
   path = os.fspath(path)
   if os.path.exists(os.path.join(path, PEFT_CONFIG)):
@@ -398,7 +472,7 @@ def _fold(names) -> list:
 def _inverse_names(model, flat: dict) -> dict:
   """{HF module name, in every naming we read: our module}, the head included."""
   fam = _family(model)
-  modules = lora.candidate_modules(flat)
+  modules = _model_modules(flat)
   checkpoint = _checkpoint_names(model, flat, modules)
   prefixes = {p for p in fam.prefix if p}
   out = {}
@@ -411,6 +485,11 @@ def _inverse_names(model, flat: dict) -> dict:
   return out
 
 
+def _model_modules(flat: dict) -> list:
+  """The model's modules with a kernel; a prefix MLP's (a run's own) are not the model's."""
+  return [m for m in lora.candidate_modules(flat) if not m.startswith(prefix_tuning.KEY + '/')]
+
+
 def _targets_hint(wanted: set) -> str:
   leaves = sorted({m.rsplit('/', 1)[-1] for m in wanted})
   return '(' + ', '.join(repr(f'{n}$') for n in leaves) + (',)' if len(leaves) == 1 else ')')
@@ -421,9 +500,12 @@ def _load_peft(adapted, model, path):
   cfg = _read_json(os.path.join(path, PEFT_CONFIG))
   if cfg.get('peft_type') == 'IA3':
     return _load_peft_ia3(adapted, model, path, cfg)
+  if cfg.get('peft_type') in VIRTUAL_TYPES:
+    return _load_peft_virtual(adapted, model, path, cfg)
   if cfg.get('peft_type') != 'LORA':
     raise ValueError(f'{path}: peft_type={cfg.get("peft_type")!r} adapters cannot be '
-                     'imported yet; LORA (LoRA and DoRA) and IA3 can.')
+                     'imported yet; LORA (LoRA and DoRA), IA3, PROMPT_TUNING and '
+                     'PREFIX_TUNING can.')
   flat = paths.flatten(adapted.params)
   loras, others = _split_peft_tensors(path, _read_weights(path, PEFT_WEIGHTS))
   new, ranks = _map_loras(path, cfg, model, flat, loras)
@@ -443,10 +525,7 @@ def _load_peft(adapted, model, path):
                    f'uses ranks {dict(sorted(mine.items())[:4])}', fix)
   _check_alpha(path, cfg, hook, list(loras))
   new.update(_head_from(path, model, flat, others))
-  out = dict(flat)
-  for p, v in new.items():
-    out[p] = np.asarray(v, np.asarray(flat[p]).dtype)
-  return dataclasses.replace(adapted, params=paths.unflatten(out))
+  return _replaced(adapted, flat, new)
 
 
 def _split_peft_tensors(path, tensors: dict) -> tuple[dict, dict]:
@@ -480,7 +559,7 @@ def _map_loras(path, cfg, model, flat, loras) -> tuple[dict, dict]:
          f'it names base_model_name_or_path={cfg.get("base_model_name_or_path")!r}).')
   unknown = sorted(n for n in loras if n not in inverse)
   if unknown:
-    own = module_names(model, flat, lora.candidate_modules(flat)).values()
+    own = module_names(model, flat, _model_modules(flat)).values()
     raise _mismatch(path, f'adapted modules are {_fold(loras)}',
                     f'({family}) has no module {unknown[0]!r}; its modules are {_fold(own)}',
                     fix)
@@ -625,10 +704,95 @@ def _load_peft_ia3(adapted, model, path, cfg):
         f'--config.peft.ia3.feedforward="{_regexes_for(scaled_in, candidates)}" '
         '(regexes over our module paths) to scale the same modules.')
   new.update(_head_from(path, model, flat, others))
+  return _replaced(adapted, flat, new)
+
+
+def _replaced(adapted, flat: dict, new: dict):
+  """`adapted` with the leaves `new` names replaced, each in its old dtype."""
   out = dict(flat)
   for p, v in new.items():
     out[p] = np.asarray(v, np.asarray(flat[p]).dtype)
   return dataclasses.replace(adapted, params=paths.unflatten(out))
+
+
+def _load_peft_virtual(adapted, model, path, cfg):
+  """An HF PEFT prompt/prefix dir: base model (widths, layers, heads), method,
+  number of virtual tokens, then the tensor and the head."""
+  method = VIRTUAL_TYPES[cfg['peft_type']]
+  tensors = dict(_read_weights(path, PEFT_WEIGHTS))
+  if PROMPT_KEY not in tensors:
+    raise ValueError(f'{path}: its {PEFT_WEIGHTS} holds no {PROMPT_KEY} tensor, which '
+                     f'{cfg["peft_type"]} adapters keep their values in.')
+  rows = np.asarray(tensors.pop(PROMPT_KEY))
+  _check_virtual_base(path, cfg, model, method, rows)
+  module = _virtual(adapted)
+  kind = prompt_tuning.PromptTuned if method == 'prompt_tuning' else prefix_tuning.PrefixTuned
+  if not isinstance(module, kind):
+    raise ValueError(f'{path} holds a {method.replace("_", "-")} adapter; set '
+                     f'--config.peft.method={method} to load it with peft.init_from.')
+  n = len(rows)
+  if cfg.get('num_virtual_tokens') not in (None, n):
+    raise ValueError(f'{path}: its config says num_virtual_tokens='
+                     f'{cfg["num_virtual_tokens"]} but its {PROMPT_KEY} holds {n} rows; the '
+                     'adapter dir is inconsistent.')
+  if n != module.num_virtual_tokens:
+    raise _differs(path, f'has num_virtual_tokens={n}',
+                   f'uses {module.num_virtual_tokens} (peft.{method}.num_virtual_tokens)',
+                   f'Set --config.peft.{method}.num_virtual_tokens={n} to match it.')
+  flat = paths.flatten(adapted.params)
+  if method == 'prompt_tuning':
+    new = {prompt_tuning.KEY: rows}
+  elif f'{prefix_tuning.KEY}/keys' not in flat:
+    raise ValueError(
+        f'{path} stores the prefix itself (keys and values: PEFT saves those even with '
+        f'prefix_projection={cfg.get("prefix_projection")}), not an MLP that makes them; '
+        'this run makes its prefix with an MLP. Set '
+        '--config.peft.prefix_tuning.projection_size=0 to load and train the prefix directly.')
+  else:
+    keys, values = prefix_from_rows(rows, module.spec)
+    new = {f'{prefix_tuning.KEY}/keys': keys, f'{prefix_tuning.KEY}/values': values}
+  others = {_strip_peft_prefix(k): np.asarray(v) for k, v in tensors.items()}
+  new.update(_head_from(path, model, flat, others))
+  return _replaced(adapted, flat, new)
+
+
+def _strip_peft_prefix(key: str) -> str:
+  for prefix in (PEFT_PREFIX, PROMPT_HEAD_PREFIX):
+    if key.startswith(prefix):
+      return key[len(prefix):]
+  return key
+
+
+def _check_virtual_base(path, cfg, model, method: str, rows) -> None:
+  """The adapter's token_dim, num_layers and num_attention_heads (and its
+  tensor's width) must be this model's, as PEFT would set them for it."""
+  family = model.config.get('model')
+  fix = ('Load the adapter onto the base model it was trained on (--config.pretrained; '
+         f'it names base_model_name_or_path={cfg.get("base_model_name_or_path")!r}).')
+  if family not in virtual_tokens.EMBEDDINGS:
+    raise _mismatch(path, f'token embeddings take its {cfg["peft_type"]} values',
+                    f'({family}) has no token embeddings: prompt and prefix tuning apply to '
+                    f'{"/".join(sorted(virtual_tokens.EMBEDDINGS))}', fix)
+  submodules = cfg.get('num_transformer_submodules') or 1
+  if submodules != 1:
+    raise _mismatch(path, f'num_transformer_submodules={submodules} (an encoder-decoder)',
+                    f'({family}) is one stack of layers', fix)
+  layers, kv_heads, head_dim = virtual_tokens.cache_spec(model.config)
+  if method == 'prompt_tuning':
+    table = paths.flatten(model.params)[virtual_tokens.EMBEDDINGS[family]]
+    mine = {'token_dim': int(np.shape(table)[-1]), 'num_layers': layers,
+            'num_attention_heads': model.config['num_heads']}
+    width = mine['token_dim']
+  else:  # the key/value width and heads (PEFT's for grouped-query attention)
+    mine = {'token_dim': kv_heads * head_dim, 'num_layers': layers,
+            'num_attention_heads': kv_heads}
+    width = 2 * layers * kv_heads * head_dim
+  theirs = {k: cfg.get(k) for k in mine}
+  differs = any(theirs[k] not in (None, mine[k]) for k in mine)
+  if differs or rows.ndim != 2 or rows.shape[-1] != width:
+    show = lambda d: ', '.join(f'{k}={v}' for k, v in d.items())
+    raise _mismatch(path, f'{show(theirs)} ({PROMPT_KEY} {rows.shape})',
+                    f'({family}) has {show(mine)} (a {PROMPT_KEY} width of {width})', fix)
 
 
 def _peft_feedforward(cfg, name: str, vector) -> bool:
@@ -654,7 +818,7 @@ def _map_ia3(path, cfg, model, flat, hook, vectors) -> tuple[dict, set, set]:
          f'it names base_model_name_or_path={cfg.get("base_model_name_or_path")!r}).')
   unknown = sorted(n for n in vectors if n not in inverse)
   if unknown:
-    own = module_names(model, flat, lora.candidate_modules(flat)).values()
+    own = module_names(model, flat, _model_modules(flat)).values()
     raise _mismatch(path, f'scaled modules are {_fold(vectors)}',
                     f'({family}) has no module {unknown[0]!r}; its modules are {_fold(own)}',
                     fix)
