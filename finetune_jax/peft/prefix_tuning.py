@@ -115,15 +115,9 @@ def _torch_linear(path: str, fan_in: int, shape) -> np.ndarray:
 
 
 def _options(cfg) -> tuple[int, str, int]:
-  if 'prefix_tuning' not in cfg:
-    raise ValueError('The peft config has no `prefix_tuning` section; start the config '
-                     'from base_config.get_config().')
-  c = cfg.prefix_tuning
-  n = virtual_tokens.positive_count(c.num_virtual_tokens, 'peft.prefix_tuning.num_virtual_tokens')
-  if c.init not in INITS:
-    raise ValueError(f'peft.prefix_tuning.init={c.init!r} must be one of {INITS}.')
+  c, n, init = virtual_tokens.section_options(cfg, 'prefix_tuning', INITS)
   hidden = c.projection_size
   if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 0:
     raise ValueError(f'peft.prefix_tuning.projection_size={hidden!r} must be 0 (no MLP) or '
                      'a positive integer (the MLP\'s hidden width).')
-  return n, c.init, hidden
+  return n, init, hidden

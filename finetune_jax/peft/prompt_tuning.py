@@ -107,15 +107,9 @@ def _text_ids(model, text: str, n: int) -> np.ndarray:
 
 
 def _options(cfg) -> tuple[int, str, str]:
-  if 'prompt_tuning' not in cfg:
-    raise ValueError('The peft config has no `prompt_tuning` section; start the config '
-                     'from base_config.get_config().')
-  c = cfg.prompt_tuning
-  n = virtual_tokens.positive_count(c.num_virtual_tokens, 'peft.prompt_tuning.num_virtual_tokens')
-  if c.init not in INITS:
-    raise ValueError(f'peft.prompt_tuning.init={c.init!r} must be one of {INITS}.')
+  c, n, init = virtual_tokens.section_options(cfg, 'prompt_tuning', INITS)
   text = c.init_text or ''
-  if (c.init == 'text') != bool(text.strip()):
+  if (init == 'text') != bool(text.strip()):
     raise ValueError("peft.prompt_tuning.init='text' and a non-empty "
                      'peft.prompt_tuning.init_text go together: set both, or neither.')
-  return n, c.init, text
+  return n, init, text

@@ -45,10 +45,18 @@ def check_applicable(model, method: str) -> str:
   return family
 
 
-def positive_count(value, option: str) -> int:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ValueError(f'{option}={value!r} must be a positive integer.')
-  return value
+def section_options(cfg, method: str, inits: tuple):
+  """(the method's config section, num_virtual_tokens, init), both checked."""
+  if method not in cfg:
+    raise ValueError(f'The peft config has no `{method}` section; start the config '
+                     'from base_config.get_config().')
+  c = cfg[method]
+  n = c.num_virtual_tokens
+  if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    raise ValueError(f'peft.{method}.num_virtual_tokens={n!r} must be a positive integer.')
+  if c.init not in inits:
+    raise ValueError(f'peft.{method}.init={c.init!r} must be one of {inits}.')
+  return c, n, c.init
 
 
 def cache_spec(config: dict) -> tuple[int, int, int]:
