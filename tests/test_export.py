@@ -6,11 +6,12 @@ ours (load_pretrained(dir)) and theirs share the base weights exactly.
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -25,6 +26,7 @@ from finetune_jax.peft import hf_format
 from finetune_jax.peft import ia3
 from finetune_jax.peft import lora
 from finetune_jax.peft import paths
+from hf_files import around_one, normal, randomise
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
 import minilm_fortunes  # noqa: E402  (configs/minilm_fortunes.py)
@@ -145,14 +147,9 @@ def _peft_config(method='lora', **lora_kw):
 
 def _randomise(params, seed=1):
   """Non-zero B, moved DoRA magnitudes and a new head, so every mapping shows."""
-  rng = np.random.default_rng(seed)
-  flat = paths.flatten(params)
-  for p, v in flat.items():
-    if p.endswith('/' + lora.B) or p.startswith('head/'):
-      flat[p] = jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype)
-    elif p.endswith('/' + lora.MAGNITUDE):
-      flat[p] = v * jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype)
-  return paths.unflatten(flat)
+  return randomise(params, [(re.compile(f'/{lora.B}$|^head/').search, normal),
+                            (re.compile(f'/{lora.MAGNITUDE}$').search,
+                             lambda rng, v: v * around_one(rng, v))], seed)
 
 
 def _hf_class(family):
@@ -160,6 +157,53 @@ def _hf_class(family):
   return getattr(transformers, {'bert': 'BertForSequenceClassification',
                                 'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM',
                                 'vit': 'ViTForImageClassification'}[family])
+
+
+class _Exported(NamedTuple):
+  """A run exported by save_peft, which PEFT loaded and saved back."""
+  model: object
+  adapted: object
+  params: dict
+  inputs: tuple
+  ours: np.ndarray  # our logits
+  out: object  # the dir save_peft wrote
+  file: dict  # its tensors
+
+
+def _export_to_peft(zoo, tmp_path, family, method, cfg, move, atol=0.0) -> _Exported:
+  """Adapts the family's model by `cfg`, moves its params (`move`) so the adapter
+  shows, and exports it: PEFT loads it with our outputs and saves back (into
+  tmp_path/'resaved') the tensors we wrote, names and values (within `atol`)."""
+  from peft import PeftModel
+  hf, hf_path, model = zoo[family]
+  adapted = peft.adapt(model, cfg)
+  params = move(adapted.params)
+  inputs = _inputs(family)
+  ours = _ours(adapted.module, params, inputs)
+  assert np.abs(ours - _theirs(hf, family, inputs)).max() > 1e-2, 'the adapter shows'
+
+  out = tmp_path / 'peft'
+  hf_format.save_peft(model, adapted, params, str(out), method=method, base_model=hf_path)
+  loaded = PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
+  # _theirs, less the prompt positions a decoder's prompt tuning gives logits to.
+  assert np.abs(_theirs_virtual(loaded, family, method, inputs) - ours).max() <= TOL
+  loaded.save_pretrained(str(tmp_path / 'resaved'))
+  ours_file = safetensors.numpy.load_file(str(out / hf_format.PEFT_WEIGHTS))
+  theirs_file = safetensors.numpy.load_file(str(tmp_path / 'resaved' / hf_format.PEFT_WEIGHTS))
+  assert sorted(ours_file) == sorted(theirs_file)
+  for key, value in ours_file.items():
+    np.testing.assert_allclose(theirs_file[key], value, rtol=0, atol=atol, err_msg=key)
+  return _Exported(model, adapted, params, inputs, ours, out, ours_file)
+
+
+def _check_merged(exported, tmp_path, family, method):
+  """save_merged's dir loads in transformers with our outputs; returns the dir."""
+  merged = tmp_path / 'merged'
+  hf_format.save_merged(exported.model, exported.adapted, exported.params, str(merged),
+                        method=method)
+  reloaded = _hf_class(family).from_pretrained(str(merged)).eval()
+  assert np.abs(_theirs(reloaded, family, exported.inputs) - exported.ours).max() <= TOL
+  return merged
 
 
 # family, method, our options: targets include GPT-2's fused Conv1D and ViT's patch conv.
@@ -177,37 +221,18 @@ EXPORT_CASES = [
 @pytest.mark.parametrize('family, method, options', EXPORT_CASES,
                          ids=[f'{f}-{m}' for f, m, _ in EXPORT_CASES])
 def test_export_loads_in_peft_and_transformers(zoo, tmp_path, family, method, options):
-  from peft import PeftModel
-  hf, hf_path, model = zoo[family]
-  adapted = peft.adapt(model, _peft_config(method, **options))
-  params = _randomise(adapted.params)
-  inputs = _inputs(family)
-  ours = _ours(adapted.module, params, inputs)
-  assert np.abs(ours - _theirs(hf, family, inputs)).max() > 1e-2, 'the adapter shows'
-
-  out = tmp_path / 'peft'
-  hf_format.save_peft(model, adapted, params, str(out), method=method, base_model=hf_path)
-  loaded = PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
-  assert np.abs(_theirs(loaded, family, inputs) - ours).max() <= TOL
-  # PEFT saves back exactly the tensor names we wrote, with the same values.
-  loaded.save_pretrained(str(tmp_path / 'resaved'))
-  ours_file = safetensors.numpy.load_file(str(out / hf_format.PEFT_WEIGHTS))
-  theirs_file = safetensors.numpy.load_file(str(tmp_path / 'resaved' / hf_format.PEFT_WEIGHTS))
-  assert sorted(ours_file) == sorted(theirs_file)
-  for key, value in ours_file.items():
-    np.testing.assert_allclose(theirs_file[key], value, rtol=0, atol=1e-7, err_msg=key)
+  exported = _export_to_peft(zoo, tmp_path, family, method, _peft_config(method, **options),
+                             _randomise, atol=1e-7)
   ours_config, theirs_config = (json.loads((d / hf_format.PEFT_CONFIG).read_text())
-                                for d in (out, tmp_path / 'resaved'))
+                                for d in (exported.out, tmp_path / 'resaved'))
   for key in ('r', 'lora_alpha', 'use_dora', 'use_rslora', 'rank_pattern', 'task_type'):
     assert ours_config[key] == theirs_config[key], key
   assert sorted(ours_config['target_modules']) == sorted(theirs_config['target_modules'])
 
-  merged = tmp_path / 'merged'
-  hf_format.save_merged(model, adapted, params, str(merged), method=method)
-  reloaded = _hf_class(family).from_pretrained(str(merged)).eval()
-  assert np.abs(_theirs(reloaded, family, inputs) - ours).max() <= TOL
+  merged = _check_merged(exported, tmp_path, family, method)
   back = models.load_pretrained(str(merged), **({'pooling': 'pooler'} if family == 'bert' else {}))
-  assert np.abs(_ours(back.module, back.params, inputs) - ours).max() <= TOL
+  inputs = exported.inputs
+  assert np.abs(_ours(back.module, back.params, inputs) - exported.ours).max() <= TOL
 
 
 def _hf_targets(family):
@@ -216,26 +241,43 @@ def _hf_targets(family):
   return {'bert': ['query', 'value'], 'gpt2': ['c_attn'], 'llama': ['q_proj', 'v_proj']}[family]
 
 
+def _peft_made(hf, config, path, seed, move):
+  """An adapter made by HF PEFT (`config` on a copy of `hf`), each of its params
+  passed as (name, tensor) to `move`, which edits it in place; saved to `path`."""
+  import torch
+  from peft import get_peft_model
+  torch.manual_seed(seed)
+  theirs = get_peft_model(copy.deepcopy(hf), config).eval()
+  with torch.no_grad():
+    for name, p in theirs.named_parameters():
+      move(name, p)
+  theirs.save_pretrained(str(path))
+  return theirs
+
+
+def _scale_randomly(p):
+  """Each entry times a draw from [0.5, 1.5), in place."""
+  import torch
+  p.mul_(torch.rand_like(p) + 0.5)
+
+
 IMPORT_CASES = [('bert', False), ('gpt2', True), ('llama', False), ('vit', True)]
 
 
 @pytest.mark.parametrize('family, dora', IMPORT_CASES,
                          ids=[f'{f}-{"dora" if d else "lora"}' for f, d in IMPORT_CASES])
 def test_peft_made_adapter_imports(zoo, tmp_path, family, dora):
-  import torch
-  from peft import LoraConfig, get_peft_model
+  from peft import LoraConfig
   hf, _, model = zoo[family]
   head = ['classifier'] if family in ('bert', 'vit') else None
   config = LoraConfig(r=4, lora_alpha=8, target_modules=_hf_targets(family), use_dora=dora,
                       init_lora_weights=False, modules_to_save=head,
                       fan_in_fan_out=family == 'gpt2')
-  torch.manual_seed(3)
-  theirs = get_peft_model(copy.deepcopy(hf), config).eval()
-  with torch.no_grad():
-    for name, p in theirs.named_parameters():
-      if 'lora_magnitude_vector' in name or 'modules_to_save' in name:
-        p.mul_(torch.rand_like(p) + 0.5)
-  theirs.save_pretrained(str(tmp_path))
+
+  def move(name, p):
+    if 'lora_magnitude_vector' in name or 'modules_to_save' in name:
+      _scale_randomly(p)
+  theirs = _peft_made(hf, config, tmp_path, 3, move)
   inputs = _inputs(family)
   expected = _theirs(theirs, family, inputs)
   assert np.abs(expected - _theirs(hf, family, inputs)).max() > 1e-2
@@ -299,14 +341,8 @@ def _ia3_config(targets=(), feedforward=()):
 
 def _randomise_ia3(params, seed=1):
   """Vectors moved off 1 and a new head, so every mapping shows."""
-  rng = np.random.default_rng(seed)
-  flat = paths.flatten(params)
-  for p, v in flat.items():
-    if p.endswith('/' + ia3.SCALE):
-      flat[p] = jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype)
-    elif p.startswith('head/'):
-      flat[p] = jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype)
-  return paths.unflatten(flat)
+  return randomise(params, [(re.compile(f'/{ia3.SCALE}$').search, around_one),
+                            (re.compile('^head/').search, normal)], seed)
 
 
 # Our defaults (BERT: key, value; its MLP's output.dense scaled on input) and
@@ -318,63 +354,41 @@ IA3_EXPORT_CASES = [('bert', {}), ('gpt2', {}), ('llama', dict(targets=('q_proj'
 @pytest.mark.parametrize('family, options', IA3_EXPORT_CASES,
                          ids=[f for f, _ in IA3_EXPORT_CASES])
 def test_ia3_export_loads_in_peft_and_transformers(zoo, tmp_path, family, options):
-  from peft import PeftModel
-  hf, hf_path, model = zoo[family]
-  adapted = peft.adapt(model, _ia3_config(**options))
-  params = _randomise_ia3(adapted.params)
-  inputs = _inputs(family)
-  ours = _ours(adapted.module, params, inputs)
-  assert np.abs(ours - _theirs(hf, family, inputs)).max() > 1e-2, 'the adapter shows'
-
-  out = tmp_path / 'peft'
-  hf_format.save_peft(model, adapted, params, str(out), method='ia3', base_model=hf_path)
-  config = json.loads((out / hf_format.PEFT_CONFIG).read_text())
-  assert config['peft_type'] == 'IA3' and config['base_model_name_or_path'] == hf_path
+  exported = _export_to_peft(zoo, tmp_path, family, 'ia3', _ia3_config(**options),
+                             _randomise_ia3)
+  config = json.loads((exported.out / hf_format.PEFT_CONFIG).read_text())
+  assert config['peft_type'] == 'IA3' and config['base_model_name_or_path'] == zoo[family][1]
   assert set(config['feedforward_modules']) <= set(config['target_modules'])
   assert config['modules_to_save'] == (['classifier'] if family in ('bert', 'vit') else None)
-  loaded = PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
-  assert np.abs(_theirs(loaded, family, inputs) - ours).max() <= TOL
-  # PEFT saves back the tensors we wrote: GPT-2's c_attn vector with q's ones.
-  loaded.save_pretrained(str(tmp_path / 'resaved'))
-  ours_file = safetensors.numpy.load_file(str(out / hf_format.PEFT_WEIGHTS))
-  theirs_file = safetensors.numpy.load_file(str(tmp_path / 'resaved' / hf_format.PEFT_WEIGHTS))
-  assert sorted(ours_file) == sorted(theirs_file)
-  for key, value in ours_file.items():
-    np.testing.assert_array_equal(theirs_file[key], value, err_msg=key)
-  if family == 'gpt2':
-    c_attn = ours_file['base_model.model.transformer.h.0.attn.c_attn.ia3_l']
+  if family == 'gpt2':  # PEFT saved back our c_attn vector with q's ones
+    c_attn = exported.file['base_model.model.transformer.h.0.attn.c_attn.ia3_l']
     assert c_attn.shape == (96, 1) and np.all(c_attn[:32] == 1) and np.all(c_attn[32:] != 1)
   # Back through our import: the same params.
-  again = hf_format.load_adapter(peft.adapt(model, _ia3_config(**options)), model, str(out))
-  for p, v in paths.flatten(params).items():
+  model = exported.model
+  again = hf_format.load_adapter(peft.adapt(model, _ia3_config(**options)), model,
+                                 str(exported.out))
+  for p, v in paths.flatten(exported.params).items():
     np.testing.assert_array_equal(paths.flatten(again.params)[p], v, err_msg=p)
 
-  merged = tmp_path / 'merged'
-  hf_format.save_merged(model, adapted, params, str(merged), method='ia3')
-  reloaded = _hf_class(family).from_pretrained(str(merged)).eval()
-  assert np.abs(_theirs(reloaded, family, inputs) - ours).max() <= TOL
+  _check_merged(exported, tmp_path, family, 'ia3')
 
 
 def _peft_ia3(hf, family, tmp_path, unit_q=False):
   """An IA3 adapter made and saved by HF PEFT, its vectors and head randomised."""
-  import torch
-  from peft import IA3Config, get_peft_model
+  from peft import IA3Config
   if family == 'bert':  # ours: the MLP's output.dense only, not attention.output.dense
     config = IA3Config(target_modules=r'.*\.(key|value|layer\.\d+\.output\.dense)',
                        feedforward_modules=r'.*\.layer\.\d+\.output\.dense',
                        modules_to_save=['classifier'])
   else:  # PEFT's defaults for GPT-2 and Llama are ours
     config = IA3Config(task_type='CAUSAL_LM', fan_in_fan_out=family == 'gpt2')
-  torch.manual_seed(5)
-  theirs = get_peft_model(copy.deepcopy(hf), config).eval()
-  with torch.no_grad():
-    for name, p in theirs.named_parameters():
-      if 'ia3_l' in name or 'modules_to_save' in name:
-        p.mul_(torch.rand_like(p) + 0.5)
-      if unit_q and 'c_attn.ia3_l' in name:
-        p[:p.shape[0] // 3] = 1.0
-  theirs.save_pretrained(str(tmp_path))
-  return theirs
+
+  def move(name, p):
+    if 'ia3_l' in name or 'modules_to_save' in name:
+      _scale_randomly(p)
+    if unit_q and 'c_attn.ia3_l' in name:
+      p[:p.shape[0] // 3] = 1.0
+  return _peft_made(hf, config, tmp_path, 5, move)
 
 
 IA3_IMPORT_CASES = [('bert', False), ('gpt2', False), ('gpt2', True), ('llama', False)]
@@ -431,23 +445,30 @@ class _ScaledCheckpointer:
     pass
 
 
-def test_run_from_a_peft_ia3_adapter_exports(zoo, tmp_path, monkeypatch):
-  """export.restore rebuilds the run from peft.init_from as training did, so a
-  whole (q|k|v) c_attn vector keeps its shape through the checkpoint."""
-  _, hf_path, _ = zoo['gpt2']
-  _peft_ia3(zoo['gpt2'][0], 'gpt2', tmp_path / 'start')
+def _export_run_from_start(tmp_path, monkeypatch, hf_path, peft_config):
+  """A run of `peft_config` from the PEFT adapter in tmp_path/'start', one
+  _ScaledCheckpointer step on, exported by export.export in the PEFT format to
+  tmp_path/'out'. Returns (workdir, start's tensors, out's tensors)."""
   config = base_config.get_config()
   config.pretrained = hf_path
-  config.peft.method = 'ia3'
+  config.peft = peft_config
   config.peft.init_from = str(tmp_path / 'start')
   workdir = tmp_path / 'run'
   (workdir / 'checkpoints' / '1').mkdir(parents=True)
   (workdir / 'config.json').write_text(json.dumps(config.to_dict()))
-
   monkeypatch.setattr(export.checkpoint, 'Checkpointer', _ScaledCheckpointer)
   export.export(str(workdir), 'peft', str(tmp_path / 'out'))
   start, out = (safetensors.numpy.load_file(str(tmp_path / d / hf_format.PEFT_WEIGHTS))
                 for d in ('start', 'out'))
+  return workdir, start, out
+
+
+def test_run_from_a_peft_ia3_adapter_exports(zoo, tmp_path, monkeypatch):
+  """export.restore rebuilds the run from peft.init_from as training did, so a
+  whole (q|k|v) c_attn vector keeps its shape through the checkpoint."""
+  hf, hf_path, _ = zoo['gpt2']
+  _peft_ia3(hf, 'gpt2', tmp_path / 'start')
+  _, start, out = _export_run_from_start(tmp_path, monkeypatch, hf_path, _ia3_config())
   assert sorted(start) == sorted(out)
   for key, value in start.items():
     np.testing.assert_allclose(out[key], value * 1.1, rtol=1e-6, err_msg=key)
@@ -527,14 +548,9 @@ def _virtual_config(method, n=P, **options):
 
 def _randomise_virtual(params, seed=1):
   """Prompts and prefixes moved off their init and a new head, so every mapping shows."""
-  rng = np.random.default_rng(seed)
-  flat = paths.flatten(params)
-  for p, v in flat.items():
-    if p.startswith(('prompt_embeddings', 'prefix/')):
-      flat[p] = v + jnp.asarray(0.5 * rng.standard_normal(v.shape), v.dtype)
-    elif p.startswith('head/'):
-      flat[p] = jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype)
-  return paths.unflatten(flat)
+  return randomise(params, [(re.compile('^(prompt_embeddings|prefix/)').search,
+                             lambda rng, v: v + normal(rng, v, scale=0.5)),
+                            (re.compile('^head/').search, normal)], seed)
 
 
 def _theirs_virtual(torch_model, family, method, inputs):
@@ -555,54 +571,35 @@ VIRTUAL_EXPORT_CASES = [
                          ids=[f'{f}-{m}{"-mlp" if o else ""}'
                               for f, m, o in VIRTUAL_EXPORT_CASES])
 def test_virtual_tokens_export_loads_in_peft(zoo, tmp_path, family, method, options):
-  from peft import PeftModel
-  hf, hf_path, model = zoo[family]
-  adapted = peft.adapt(model, _virtual_config(method, **options))
-  params = _randomise_virtual(adapted.params)
-  inputs = _inputs(family)
-  ours = _ours(adapted.module, params, inputs)
-  assert np.abs(ours - _theirs(hf, family, inputs)).max() > 1e-2, 'the prompt shows'
-
-  out = tmp_path / 'peft'
-  hf_format.save_peft(model, adapted, params, str(out), method=method, base_model=hf_path)
-  config = json.loads((out / hf_format.PEFT_CONFIG).read_text())
+  exported = _export_to_peft(zoo, tmp_path, family, method,
+                             _virtual_config(method, **options), _randomise_virtual)
+  config = json.loads((exported.out / hf_format.PEFT_CONFIG).read_text())
   assert config['peft_type'] == method.upper() and config['num_virtual_tokens'] == P
   assert config['modules_to_save'] == (['classifier'] if family == 'bert' else None)
   assert config.get('prefix_projection') in (None, False)  # the MLP's output, not the MLP
-  loaded = PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
-  assert np.abs(_theirs_virtual(loaded, family, method, inputs) - ours).max() <= TOL
-  # PEFT saves back the tensors we wrote.
-  loaded.save_pretrained(str(tmp_path / 'resaved'))
-  ours_file = safetensors.numpy.load_file(str(out / hf_format.PEFT_WEIGHTS))
-  theirs_file = safetensors.numpy.load_file(str(tmp_path / 'resaved' / hf_format.PEFT_WEIGHTS))
-  assert sorted(ours_file) == sorted(theirs_file)
-  for key, value in ours_file.items():
-    np.testing.assert_array_equal(theirs_file[key], value, err_msg=key)
   # And it imports back: a prefix as keys and values (projection_size=0).
-  back = hf_format.load_adapter(peft.adapt(model, _virtual_config(method)), model, str(out))
-  assert np.abs(_ours(back.module, back.params, inputs) - ours).max() <= TOL
+  model = exported.model
+  back = hf_format.load_adapter(peft.adapt(model, _virtual_config(method)), model,
+                                str(exported.out))
+  assert np.abs(_ours(back.module, back.params, exported.inputs) - exported.ours).max() <= TOL
 
 
 def _peft_virtual(hf, family, method, path, projection=False):
   """A prompt or prefix adapter made and saved by HF PEFT, its values and head randomised."""
-  import torch
-  from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+  from peft import PrefixTuningConfig, PromptTuningConfig
   task = 'SEQ_CLS' if family == 'bert' else 'CAUSAL_LM'
   if method == 'prompt_tuning':
     config = PromptTuningConfig(task_type=task, num_virtual_tokens=P)
   else:
     config = PrefixTuningConfig(task_type=task, num_virtual_tokens=P,
                                 prefix_projection=projection, encoder_hidden_size=16)
-  torch.manual_seed(6)
-  theirs = get_peft_model(copy.deepcopy(hf), config).eval()
-  with torch.no_grad():
-    for name, p in theirs.named_parameters():
-      if 'prompt_encoder' in name and 'embedding' in name:
-        p.normal_(0.0, 0.5)
-      elif 'modules_to_save' in name:
-        p.mul_(torch.rand_like(p) + 0.5)
-  theirs.save_pretrained(str(path))
-  return theirs
+
+  def move(name, p):
+    if 'prompt_encoder' in name and 'embedding' in name:
+      p.normal_(0.0, 0.5)
+    elif 'modules_to_save' in name:
+      _scale_randomly(p)
+  return _peft_made(hf, config, path, 6, move)
 
 
 # family, method, prefix_projection: PEFT saves an MLP's output as the prefix.
@@ -694,17 +691,8 @@ def test_run_from_a_peft_prompt_exports(zoo, tmp_path, monkeypatch):
   prompt in PEFT's file, and no merged model."""
   hf, hf_path, _ = zoo['llama']
   _peft_virtual(hf, 'llama', 'prompt_tuning', tmp_path / 'start')
-  config = base_config.get_config()
-  config.pretrained = hf_path
-  config.peft = _virtual_config('prompt_tuning')
-  config.peft.init_from = str(tmp_path / 'start')
-  workdir = tmp_path / 'run'
-  (workdir / 'checkpoints' / '1').mkdir(parents=True)
-  (workdir / 'config.json').write_text(json.dumps(config.to_dict()))
-  monkeypatch.setattr(export.checkpoint, 'Checkpointer', _ScaledCheckpointer)
-  export.export(str(workdir), 'peft', str(tmp_path / 'out'))
-  start, out = (safetensors.numpy.load_file(str(tmp_path / d / hf_format.PEFT_WEIGHTS))
-                for d in ('start', 'out'))
+  workdir, start, out = _export_run_from_start(tmp_path, monkeypatch, hf_path,
+                                               _virtual_config('prompt_tuning'))
   assert sorted(out) == [hf_format.PROMPT_KEY]
   np.testing.assert_allclose(out[hf_format.PROMPT_KEY], start[hf_format.PROMPT_KEY] * 1.1,
                              rtol=1e-6)

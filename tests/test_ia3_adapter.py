@@ -15,6 +15,7 @@ from finetune_jax import tasks
 from finetune_jax.peft import adapter
 from finetune_jax.peft import ia3
 from finetune_jax.peft import paths
+from hf_files import around_one, normal, randomise
 # The zoo fixtures and the batch and training helpers LoRA's tests drive make_train_step with.
 from test_lora import (_train, assert_only_trainable_moved, hf_bert,  # noqa: F401
                        image_batch, inputs_for, output, text_batch, zoo)
@@ -35,14 +36,8 @@ def is_new(path):
 
 def perturb(params, seed=1):
   """Non-identity IA3 vectors and adapters, so the hooks show in the outputs."""
-  rng = np.random.default_rng(seed)
-  flat = paths.flatten(params)
-  for p, v in flat.items():
-    if p.endswith('/' + ia3.SCALE):
-      flat[p] = jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype)
-    elif is_new(p):
-      flat[p] = jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype)
-  return paths.unflatten(flat)
+  return randomise(params, [(re.compile(f'/{ia3.SCALE}$').search, around_one),
+                            (is_new, normal)], seed)
 
 
 def batch_for(model):
