@@ -115,7 +115,7 @@ def _text(config, model, reserved_positions: int) -> Pipeline:
   text = config.text
   context = model.config.get('max_position_embeddings')
   if context is not None and text.max_length + reserved_positions > context:
-    taken = (f' of which peft.method={config.peft.method} takes {reserved_positions}'
+    taken = (f', of which peft.method={config.peft.method} takes {reserved_positions}'
              if reserved_positions else '')
     raise ValueError(f'text.max_length={text.max_length} exceeds the context of '
                      f'{config.pretrained!r} ({context} positions{taken}); set '

@@ -68,6 +68,11 @@ def test_causal_lm_logs_initial_perplexity_and_samples(tmp_path):
      r'longer than text.max_length=128.*text.truncate=True'),
     (minilm_fortunes, {'pretrained': 'bert-tiny', 'text.max_length': 1024},
      r'text.max_length=1024 exceeds the context of .bert-tiny. \(512'),
+    # Fits alone; not after the 20 positions the prompt takes.
+    (minilm_fortunes, {'pretrained': 'bert-tiny', 'text.max_length': 500,
+                       'peft.method': 'prompt_tuning'},
+     r'text.max_length=500 exceeds the context of .bert-tiny. \(512 positions, of which '
+     r'peft.method=prompt_tuning takes 20\); set --config.text.max_length=492 or less'),
     (gpt2_lyrics, {'pretrained': 'gpt2-tiny', 'num_classes': 3},
      r'causal_lm keeps the model.s LM head'),
     (gpt2_lyrics, {'pretrained': 'gpt2-tiny', 'text.max_length': 1},
