@@ -293,4 +293,3 @@ class GPT2(nn.Module):
     if cache is not None:
       out['cache'] = {'index': cache['index'] + length, 'layers': layers}
     return out
-
