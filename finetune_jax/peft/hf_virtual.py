@@ -29,20 +29,6 @@ def virtual_module(adapted):
   return module if isinstance(module, virtual_tokens.VirtualTokens) else None
 
 
-def prefix_rows(keys, values) -> np.ndarray:
-  """(P, layers * 2 * kv_heads * head_dim) from keys and values (layers, P, kv_heads,
-  head_dim): per virtual token, layer by layer, key then value (PEFT's layout)."""
-  stacked = np.stack([np.asarray(keys), np.asarray(values)], axis=2)  # (L, P, 2, H, Dh)
-  return stacked.swapaxes(0, 1).reshape(stacked.shape[1], -1)
-
-
-def prefix_from_rows(rows, spec) -> tuple:
-  """(keys, values), each (layers, P, kv_heads, head_dim): prefix_rows undone."""
-  layers, kv_heads, head_dim = spec
-  out = np.asarray(rows).reshape(len(rows), layers, 2, kv_heads, head_dim)
-  return out[:, :, 0].swapaxes(0, 1), out[:, :, 1].swapaxes(0, 1)
-
-
 # ------------------------------------------------------------------ save
 
 
@@ -67,7 +53,7 @@ def peft_tensors(model, module, params) -> tuple[dict, dict]:
         '--format adapter (our own layout, for --config.peft.init_from here).')
   keys, values = module.prefixes(params[prefix_tuning.KEY])
   width = kv_heads * head_dim  # PEFT's token_dim for a prefix: the key/value width (GQA)
-  return {PROMPT_KEY: prefix_rows(keys, values)}, {
+  return {PROMPT_KEY: prefix_tuning.to_rows(keys, values)}, {
       **fields, 'peft_type': 'PREFIX_TUNING', 'token_dim': width,
       'num_attention_heads': kv_heads, 'encoder_hidden_size': width,
       'prefix_projection': False, 'init_weights': None}
@@ -111,7 +97,7 @@ def load(adapted, model, path, cfg):
         'this run makes its prefix with an MLP. Set '
         '--config.peft.prefix_tuning.projection_size=0 to load and train the prefix directly.')
   else:
-    keys, values = prefix_from_rows(rows, module.spec)
+    keys, values = prefix_tuning.from_rows(rows, module.spec)
     new = {f'{prefix_tuning.KEY}/keys': keys, f'{prefix_tuning.KEY}/values': values}
   others = {_strip_peft_prefix(k): np.asarray(v) for k, v in tensors.items()}
   new.update(hf_common.head_from(path, model, flat, others))

@@ -41,10 +41,8 @@ class PrefixTuned(virtual_tokens.VirtualTokens):
     if 'keys' in own:
       return own['keys'], own['values']
     h = jnp.tanh(own['embedding'] @ own['projection_in']['kernel'] + own['projection_in']['bias'])
-    out = h @ own['projection_out']['kernel'] + own['projection_out']['bias']
-    layers, kv_heads, head_dim = self.spec
-    out = out.reshape(self.num_virtual_tokens, layers, 2, kv_heads, head_dim)
-    return out[:, :, 0].swapaxes(0, 1), out[:, :, 1].swapaxes(0, 1)
+    return from_rows(h @ own['projection_out']['kernel'] + own['projection_out']['bias'],
+                     self.spec)
 
   def _prefix_cache(self, own, batch: int, length: int) -> dict:
     keys, values = self.prefixes(own)
@@ -68,6 +66,21 @@ class PrefixTuned(virtual_tokens.VirtualTokens):
     out = self.base.apply(variables, input_ids, mask,
                           cache=self._prefix_cache(own, batch, length), **kwargs)
     return {k: v for k, v in out.items() if k != 'cache'}
+
+
+def from_rows(rows, spec) -> tuple:
+  """(keys, values), each (layers, P, kv_heads, head_dim), from rows (P, layers * 2 *
+  kv_heads * head_dim) laid out (P, layer, key|value, head, dim): the MLP's output,
+  and HF PEFT's prefix tensor. numpy in, numpy out; jax in, jax out."""
+  layers, kv_heads, head_dim = spec
+  out = rows.reshape(rows.shape[0], layers, 2, kv_heads, head_dim)
+  return out[:, :, 0].swapaxes(0, 1), out[:, :, 1].swapaxes(0, 1)
+
+
+def to_rows(keys, values) -> np.ndarray:
+  """`from_rows` undone, on the host: the rows HF PEFT saves."""
+  stacked = np.stack([np.asarray(keys), np.asarray(values)], axis=2)  # (L, P, 2, H, Dh)
+  return stacked.swapaxes(0, 1).reshape(stacked.shape[1], -1)
 
 
 def adapt(model, cfg) -> base.Adapted:
