@@ -8,6 +8,7 @@ inference mode, AdamW with a body learning rate about 10x below pre-training.
 
 Measured (2-core CPU, `make demo` in a fresh clone): 0.9211 test accuracy on
 the full 10k test split (0.9036 at step 700), 449 s `wall_s`, 226 train
+img/s. On one H100 (JAX 0.11.2, CUDA): 0.9200, 69 s `wall_s`, 7.1k train
 img/s. `:smoke` runs 6 steps to check the wiring.
 """
 import ml_collections
