@@ -25,13 +25,9 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import ml_collections
-import numpy as np
 
 from finetune_jax import checkpoint
-from finetune_jax import optim
-from finetune_jax import peft
 from finetune_jax import train
 from finetune_jax.peft import hf_format
 from finetune_jax.peft import paths
@@ -60,15 +56,8 @@ def restore(workdir: str, config, step: int | None = None):
   if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
     raise ValueError(f'{workdir} has no checkpoint yet; export a run after its first '
                      'checkpoint (config.checkpoint_every steps).')
-  model, adapted = train.build_model(config)
-  init_from = config.peft.get('init_from')
-  if init_from and os.path.exists(init_from):  # the shapes training started from
-    adapted = hf_format.load_adapter(adapted, model, init_from)
-  trainable, frozen = paths.split(adapted.params, adapted.trainable)
-  tx = optim.make_optimizer(config, trainable, model.head,
-                            peft.base.added_paths(model, adapted))
-  like = {'step': np.int32(0), 'rng': jax.random.PRNGKey(config.seed),
-          'trainable': trainable, 'opt_state': tx.init(trainable)}
+  model, adapted = train.build_model(config, missing_adapter_ok=True)
+  like, frozen, _ = train.initial_state(config, model, adapted)
   ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)
   try:
     step = ckpt.latest_step() if step is None else step

@@ -7,6 +7,7 @@ and frozen params -> optimizer over the trainable ones -> compiled steps
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import time
 
@@ -122,15 +123,36 @@ def model_options(config) -> dict:
   return {}
 
 
-def build_model(config):
+def build_model(config, *, missing_adapter_ok: bool = False):
   """(pretrained model, its PEFT adaptation) as `config` defines them.
 
-  Shared with export.py, which rebuilds a run's model from its config.json.
+  The adaptation starts from the adapter dir `peft.init_from` when one is
+  named. Shared with export.py, which rebuilds a run's model from its
+  config.json; there a since-deleted adapter dir is no error
+  (`missing_adapter_ok`), as the checkpoint holds the trained values.
   """
   model = models.load_pretrained(config.pretrained, num_classes=config.num_classes,
                                  dont_load=tuple(config.dont_load), seed=config.seed,
                                  **model_options(config))
-  return model, peft.adapt(model, config.peft)
+  adapted = peft.adapt(model, config.peft)
+  init_from = config.peft.get('init_from')
+  if init_from and (os.path.exists(init_from) or not missing_adapter_ok):
+    adapted = hf_format.load_adapter(adapted, model, init_from)
+  return model, adapted
+
+
+def initial_state(config, model, adapted):
+  """(step-0 train state, frozen params, optimizer) of an adapted model.
+
+  The state is what checkpoints hold; shared with export.py, which restores
+  one into it.
+  """
+  trainable, frozen = paths.split(adapted.params, adapted.trainable)
+  tx = optim.make_optimizer(config, trainable, model.head,
+                            peft.base.added_paths(model, adapted))
+  state = {'step': np.int32(0), 'rng': jax.random.PRNGKey(config.seed),
+           'trainable': trainable, 'opt_state': tx.init(trainable)}
+  return state, frozen, tx
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -143,17 +165,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   task = tasks.make_task(config)
   splits = pipelines.open_dataset(config)
   model, adapted = build_model(config)
-  if config.peft.get('init_from'):
-    adapted = hf_format.load_adapter(adapted, model, config.peft.init_from)
   pipeline = pipelines.make(config, splits, model,
                             virtual_tokens.reserved_positions(adapted.module))
-  trainable, frozen = paths.split(adapted.params, adapted.trainable)
-  tx = optim.make_optimizer(config, trainable, model.head,
-                            peft.base.added_paths(model, adapted))
+  state, frozen, tx = initial_state(config, model, adapted)
   workdir_lib.write_config(workdir, config)
 
-  state = {'step': np.int32(0), 'rng': jax.random.PRNGKey(config.seed),
-           'trainable': trainable, 'opt_state': tx.init(trainable)}
   ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
@@ -165,7 +181,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.close()
     return results
 
-  report = {'trainable_params': paths.count(trainable),
+  report = {'trainable_params': paths.count(state['trainable']),
             'total_params': paths.count(adapted.params),
             'optimizer_state_bytes': optim.state_bytes(state['opt_state'])}
   logging.info('Method %s: %d of %d params train (%.2f%%); optimizer state %d bytes.',
