@@ -13,15 +13,16 @@ inputs, then reports, from XLA's own figures:
       --image_size 64 --batch 64 --method partial --num_frozen_blocks 9
 """
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from finetune_jax import base_config
 from finetune_jax import models
 from finetune_jax import optim
 from finetune_jax import peft
@@ -46,23 +47,30 @@ def matmul_tflops(n, dtype, steps):
   return 2 * n**3 / median_seconds(lambda: f(a), steps) / 1e12
 
 
-def optimizer_config(args):
-  return ml_collections.ConfigDict({
-      'total_steps': 1000, 'warmup_steps': 10, 'schedule': 'cosine',
-      'learning_rate': 3e-4, 'head_learning_rate': 1e-3, 'grad_clip_norm': 1.0,
-      'optimizer': {'name': 'adamw', 'b1': 0.9, 'b2': 0.999, 'eps': 1e-8,
-                    'weight_decay': 1e-4, 'momentum': 0.9, 'nesterov': True},
-      'peft': {'method': args.method, 'num_frozen_blocks': args.num_frozen_blocks,
-               'freeze': ()}})
+def optimizer_config(args, method):
+  """The base config (every method's section) with the benched method set."""
+  c = base_config.get_config()
+  c.total_steps = 1000
+  c.warmup_steps = 10
+  c.learning_rate = 3e-4
+  c.head_learning_rate = 1e-3
+  c.peft.method = method
+  c.peft.num_frozen_blocks = args.num_frozen_blocks
+  if args.lora_targets:
+    c.peft.lora.targets = tuple(args.lora_targets.split(','))
+  return c
 
 
-def bench(args, impl):
+def bench(args, method, impl):
   model = models.load_pretrained(args.model, num_classes=10)
-  config = optimizer_config(args)
+  config = optimizer_config(args, method)
+  # The implementation goes on the base module: a PEFT wrapper's clone is the bare model.
+  model = dataclasses.replace(model, module=model.module.clone(depthwise_impl=impl))
   adapted = peft.adapt(model, config.peft)
-  module = adapted.module.clone(depthwise_impl=impl)
+  module = adapted.module
   trainable, frozen = paths.split(adapted.params, adapted.trainable)
-  tx = optim.make_optimizer(config, trainable, model.head)
+  tx = optim.make_optimizer(config, trainable, model.head,
+                            peft.base.added_paths(model, adapted))
   state = {'step': jnp.int32(0), 'rng': jax.random.PRNGKey(0),
            'trainable': trainable, 'opt_state': tx.init(trainable)}
   inputs = lambda b: (model.preprocess(b['image'], image_size=args.image_size),)
@@ -81,7 +89,7 @@ def bench(args, impl):
     holder['state'], metrics = compiled(holder['state'], frozen, batch)
     return metrics
   seconds = median_seconds(one_step, args.steps)
-  return {'impl': impl, 'images_per_s': args.batch / seconds,
+  return {'method': method, 'impl': impl, 'images_per_s': args.batch / seconds,
           'step_ms': 1e3 * seconds, 'gflops_per_step': flops / 1e9,
           'achieved_tflops': flops / seconds / 1e12,
           'temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
@@ -95,7 +103,9 @@ def main():
   parser.add_argument('--model', default='efficientnet-lite0-random')
   parser.add_argument('--image_size', type=int, default=64)
   parser.add_argument('--batch', type=int, default=64)
-  parser.add_argument('--method', default='partial')
+  parser.add_argument('--method', default='partial', help='one, or several joined by commas')
+  parser.add_argument('--lora_targets', default='',
+                      help='lora/dora: regexes joined by commas; empty: the family default')
   parser.add_argument('--num_frozen_blocks', type=int, default=9)
   parser.add_argument('--impls', default='shift,lax')
   parser.add_argument('--steps', type=int, default=20)
@@ -105,11 +115,12 @@ def main():
   peak = matmul_tflops(args.matmul, jnp.float32, args.steps)
   print(json.dumps({'device': device.device_kind, 'platform': device.platform,
                     'matmul_f32_tflops': round(peak, 3)}))
-  for impl in args.impls.split(','):
-    row = bench(args, impl)
-    row['mfu_vs_matmul'] = row['achieved_tflops'] / peak
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                      for k, v in row.items()}))
+  for method in args.method.split(','):
+    for impl in args.impls.split(','):
+      row = bench(args, method, impl)
+      row['mfu_vs_matmul'] = row['achieved_tflops'] / peak
+      print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                        for k, v in row.items()}))
 
 
 if __name__ == '__main__':
