@@ -24,10 +24,10 @@ import numpy as np
 
 from finetune_jax import base_config
 from finetune_jax import models
-from finetune_jax import optim
 from finetune_jax import peft
 from finetune_jax import steps
 from finetune_jax import tasks
+from finetune_jax import train
 from finetune_jax.peft import paths
 
 
@@ -68,11 +68,7 @@ def bench(args, method, impl):
   model = dataclasses.replace(model, module=model.module.clone(depthwise_impl=impl))
   adapted = peft.adapt(model, config.peft)
   module = adapted.module
-  trainable, frozen = paths.split(adapted.params, adapted.trainable)
-  tx = optim.make_optimizer(config, trainable, model.head,
-                            peft.base.added_paths(model, adapted))
-  state = {'step': jnp.int32(0), 'rng': jax.random.PRNGKey(0),
-           'trainable': trainable, 'opt_state': tx.init(trainable)}
+  state, frozen, tx = train.initial_state(config, model, adapted)
   inputs = lambda b: (model.preprocess(b['image'], image_size=args.image_size),)
   step = jax.jit(steps.make_train_step(module, inputs, tasks.ImageClassification(10),
                                        tx, axis_name=None), donate_argnums=(0,))
@@ -94,7 +90,7 @@ def bench(args, method, impl):
           'achieved_tflops': flops / seconds / 1e12,
           'temp_bytes': getattr(memory, 'temp_size_in_bytes', None),
           'argument_bytes': getattr(memory, 'argument_size_in_bytes', None),
-          'trainable_params': paths.count(trainable),
+          'trainable_params': paths.count(state['trainable']),
           'total_params': paths.count(adapted.params)}
 
 

@@ -50,6 +50,22 @@ def test_shift_matches_lax_values_and_gradients(kernel, stride, size):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('padding', ['VALID', ((1, 2), (0, 1)), ((0, 0), (3, 0))])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_shift_gradients_match_lax_for_any_padding(padding, stride):
+  # 'shift' has its own backward pass (a shifted sum over the spread output
+  # gradient), which must hold for padding on any side and uneven strides.
+  x = _random((2, 9, 8, 5), 2)
+  w = _random((3, 3, 1, 5), 3)
+
+  def grads(impl):
+    f = lambda x, w: jnp.sum(jnp.sin(layers.depthwise_conv2d(x, w, stride, padding, impl)))
+    return jax.jit(jax.grad(f, argnums=(0, 1)))(x, w)
+
+  for a, b in zip(grads('shift'), grads('lax')):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('kernel,stride', [(3, 1), (5, 2), (3, 2)])
 def test_depthwise_matches_reference_same_padding_conv(kernel, stride):
   """Against efficientnet-lite-pytorch's own TF-'SAME' padded depthwise conv."""

@@ -1,4 +1,5 @@
 """Layers shared by the convolutional models: fast depthwise conv, frozen BN."""
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -56,22 +57,70 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1,
   return _depthwise_shift(x, kernel[:, :, 0, :].astype(x.dtype), stride, padding)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise_shift(x, taps, stride, padding):
-  (top, bottom), (left, right) = padding
-  x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  batch, height, width, channels = x.shape
+  return _shifted_sum(_pad(x, padding), taps, stride)
+
+
+def _depthwise_shift_fwd(x, taps, stride, padding):
+  return _depthwise_shift(x, taps, stride, padding), (x, taps)
+
+
+def _depthwise_shift_bwd(stride, padding, residuals, grad):
+  """The input's gradient is again one padded array and a shifted sum.
+
+  The output gradient, spread to the stride and padded by the kernel, is
+  correlated with the flipped taps: the forward pass's own form, in which
+  XLA keeps the padded array once. Left to autodiff, each tap's transpose is
+  a pad of its own, and XLA:CPU fuses the gradient's producers (a ReLU6
+  mask that recomputes this conv) into every one of them.
+  """
+  x, taps = residuals
   kh, kw, _ = taps.shape
-  out_h = (height - kh) // stride + 1
-  out_w = (width - kw) // stride + 1
+  padded = _pad(x, padding)
+  height, width = padded.shape[1:3]
+  out_h, out_w = grad.shape[1:3]
+  spread = lax.pad(grad, jnp.zeros((), grad.dtype), (
+      (0, 0, 0),
+      (kh - 1, height - (out_h - 1) * stride - 1, stride - 1),
+      (kw - 1, width - (out_w - 1) * stride - 1, stride - 1),
+      (0, 0, 0)))
+  grad_padded = _shifted_sum(spread, taps[::-1, ::-1], 1)
+  (top, bottom), (left, right) = padding
+  grad_x = grad_padded[:, top:height - bottom, left:width - right]
+  grad_taps = jnp.stack([
+      jnp.stack([jnp.sum(_window(padded, i, j, out_h, out_w, stride) * grad,
+                         axis=(0, 1, 2)) for j in range(kw)])
+      for i in range(kh)])
+  return grad_x, grad_taps
+
+
+_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
+
+
+def _pad(x, padding):
+  (top, bottom), (left, right) = padding
+  return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+
+
+def _window(x, i, j, out_h, out_w, stride):
+  """The input values that tap (i, j) multiplies, one per output position."""
+  return lax.slice(
+      x, (0, i, j, 0),
+      (x.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
+       x.shape[3]),
+      (1, stride, stride, 1))
+
+
+def _shifted_sum(x, taps, stride):
+  """VALID depthwise correlation: the sum over taps of strided slices times weights."""
+  kh, kw, _ = taps.shape
+  out_h = (x.shape[1] - kh) // stride + 1
+  out_w = (x.shape[2] - kw) // stride + 1
   out = None
   for i in range(kh):
     for j in range(kw):
-      window = lax.slice(
-          x, (0, i, j, 0),
-          (batch, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
-           channels),
-          (1, stride, stride, 1))
-      term = window * taps[i, j]
+      term = _window(x, i, j, out_h, out_w, stride) * taps[i, j]
       out = term if out is None else out + term
   return out
 
