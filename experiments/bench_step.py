@@ -47,7 +47,7 @@ def matmul_tflops(n, dtype, steps):
   return 2 * n**3 / median_seconds(lambda: f(a), steps) / 1e12
 
 
-def optimizer_config(args, method):
+def bench_config(args, method):
   """The base config (every method's section) with the benched method set."""
   c = base_config.get_config()
   c.total_steps = 1000
@@ -63,7 +63,7 @@ def optimizer_config(args, method):
 
 def bench(args, method, impl):
   model = models.load_pretrained(args.model, num_classes=10)
-  config = optimizer_config(args, method)
+  config = bench_config(args, method)
   # The implementation goes on the base module: a PEFT wrapper's clone is the bare model.
   model = dataclasses.replace(model, module=model.module.clone(depthwise_impl=impl))
   adapted = peft.adapt(model, config.peft)

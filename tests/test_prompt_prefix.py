@@ -7,7 +7,6 @@ from finetune_jax import base_config
 from finetune_jax import peft
 from finetune_jax import sampling
 from finetune_jax import tasks
-from finetune_jax.peft import hf_format
 from finetune_jax.peft import paths
 from finetune_jax.peft import prefix_tuning
 from finetune_jax.peft import prompt_tuning
@@ -301,7 +300,7 @@ def test_prefix_tuning_matches_hf_peft(hf_zoo, family):
       task_type='CAUSAL_LM', num_virtual_tokens=P)).eval()
   with torch.no_grad():
     hf_peft.prompt_encoder['default'].embedding.weight.copy_(
-        torch.tensor(hf_format.prefix_rows(own['keys'], own['values'])))
+        torch.tensor(prefix_tuning.to_rows(own['keys'], own['values'])))
   ids, mask = _ids(family)
   mine = np.asarray(adapted.module.apply({'params': params}, ids, mask)['logits'])
   np.testing.assert_allclose(mine, _hf_logits(hf_peft, ids, mask), rtol=1e-4, atol=1e-4)

@@ -29,7 +29,6 @@ from finetune_jax.peft import hf_virtual
 from finetune_jax.peft import ia3
 from finetune_jax.peft import lora
 from finetune_jax.peft import paths
-from finetune_jax.peft import prefix_tuning
 
 # Names callers and tests have always taken from here.
 PEFT_CONFIG, PEFT_WEIGHTS = hf_common.PEFT_CONFIG, hf_common.PEFT_WEIGHTS
@@ -37,7 +36,6 @@ PEFT_PREFIX = hf_common.PEFT_PREFIX
 PROMPT_KEY, PROMPT_HEAD_PREFIX = hf_virtual.PROMPT_KEY, hf_virtual.PROMPT_HEAD_PREFIX
 VIRTUAL_TYPES = hf_virtual.VIRTUAL_TYPES
 module_names = hf_names.module_names
-prefix_rows, prefix_from_rows = prefix_tuning.to_rows, prefix_tuning.from_rows
 
 OUR_CONFIG, OUR_WEIGHTS = 'adapter.json', 'adapter.safetensors'
 OUR_FORMAT = 'finetune_jax.adapter'
