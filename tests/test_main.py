@@ -44,12 +44,19 @@ def test_cli_writes_the_contract_files_and_resumes_at_once(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / 'results.json').read_text())
   for key in ('final', 'trainable_params', 'total_params', 'steps',
-              'train_examples_per_sec', 'wall_s'):
+              'train_examples_per_sec', 'wall_s', 'method', 'trainable_percent',
+              'optimizer_state_bytes'):
     assert key in results
   assert results['steps'] == 6
   assert 0.0 <= results['final']['eval_accuracy'] <= 1.0
   assert results['final']['eval_loss'] > 0
   assert 0 < results['trainable_params'] < results['total_params']
+  # The trainable-parameter report: its share, and AdamW's two float32 moments
+  # per trainable param (plus a few scalars), nothing for the frozen ones.
+  assert results['trainable_percent'] == pytest.approx(
+      100 * results['trainable_params'] / results['total_params'])
+  assert 8 * results['trainable_params'] <= results['optimizer_state_bytes'] < (
+      8 * results['trainable_params'] + 1024)
   config = json.loads((tmp_path / 'config.json').read_text())
   assert config['pretrained'] == 'efficientnet-lite-tiny'
   events = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
