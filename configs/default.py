@@ -18,15 +18,18 @@ from finetune_jax import base_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config.get_config()  # Every field, documented.
-  c.pretrained = 'efficientnet-lite0'  # An alias (README) or a checkpoint path.
-  c.dataset = 'fashion_mnist'  # An alias (README) or a TFDS name prepared in data_dir.
-  c.num_classes = 10  # Size of the new head.
-  c.image_size = 64  # Input resolution; images are resized (and cropped) to it on the host.
-  c.peft.method = 'partial'  # full | linear_probe | bitfit | partial | lora | dora (README: Methods).
-  c.peft.num_frozen_blocks = 9  # partial: freeze the first N of the model's blocks (stem, blocks_0..7).
+  c.pretrained = 'efficientnet-lite0'
+  c.dataset = 'fashion_mnist'
+  c.num_classes = 10
+  c.image_size = 64
+  c.peft.method = 'partial'
+  # The stem and blocks_0..7.
+  c.peft.num_frozen_blocks = 9
   c.total_steps = 1400
-  c.learning_rate = 3e-4  # Body; ImageNet pre-training peaked near 3e-3 per 64 images.
-  c.head_learning_rate = 1e-3  # The new head learns from scratch, so faster. None: learning_rate.
+  # ImageNet pre-training peaked near 3e-3 per 64 images.
+  c.learning_rate = 3e-4
+  # The new head learns from scratch, so faster.
+  c.head_learning_rate = 1e-3
   c.eval_every = 700
   c.checkpoint_every = 700
   return base_config.finish(c, arg)

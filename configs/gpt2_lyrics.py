@@ -27,12 +27,15 @@ from finetune_jax import base_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config.get_config()  # Every field, documented.
-  c.pretrained = 'gpt2-mini'  # An alias (README) or an HF GPT-2 dir (config.json + *.safetensors + tokenizer.json).
-  c.dataset = 'fortunes_poems'  # 571 train / 149 test poems and songs (README).
+  # Or an HF GPT-2 dir (config.json + *.safetensors + tokenizer.json).
+  c.pretrained = 'gpt2-mini'
+  # 571 train / 149 test poems and songs (README).
+  c.dataset = 'fortunes_poems'
   c.task = 'causal_lm'
-  c.text.max_length = 256  # Tokens per packed row.
+  c.text.max_length = 256
   c.peft.method = 'full'
-  c.eval_before_training = True  # Step 0: the starting model's held-out perplexity.
+  # Step 0: the starting model's held-out perplexity.
+  c.eval_before_training = True
   c.generation.prompts = ('Roses are red,', 'The sea')
   c.generation.max_new_tokens = 64
   c.generation.temperature = 0.8
@@ -40,7 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = 400
   c.batch_size = 16
   c.eval_batch_size = 32
-  c.learning_rate = 1e-3  # From scratch; about 5e-5 for real GPT-2 weights.
+  # From scratch; about 5e-5 for real GPT-2 weights.
+  c.learning_rate = 1e-3
   c.warmup_steps = 40
   c.optimizer.weight_decay = 0.01
   c.eval_every = 200

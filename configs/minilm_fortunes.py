@@ -22,18 +22,23 @@ from finetune_jax import base_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config.get_config()  # Every field, documented.
-  c.pretrained = 'minilm-l6'  # An alias (README) or an HF BERT dir (config.json + *.safetensors + tokenizer.json).
-  c.dataset = 'fortunes'  # 8 topics; train 4876 / test 1171 texts (README).
+  # Or an HF BERT dir (config.json + *.safetensors + tokenizer.json).
+  c.pretrained = 'minilm-l6'
+  # 8 topics; train 4876 / test 1171 texts (README).
+  c.dataset = 'fortunes'
   c.task = 'text_classification'
   c.num_classes = 8
-  c.text.max_length = 128  # Tokens, [CLS] and [SEP] included; 8% of fortunes are longer (387 of 4876).
-  c.text.truncate = True  # Keep their first 128 tokens (the count is logged).
+  # 8% of fortunes are longer (387 of 4876).
+  c.text.max_length = 128
+  # Keep their first 128 tokens (the count is logged).
+  c.text.truncate = True
   c.text.pooling = 'mean'
   c.peft.method = 'full'
   c.total_steps = 600
   c.batch_size = 32
   c.eval_batch_size = 128
-  c.learning_rate = 1e-4  # Body; within BERT's usual fine-tuning range (1e-5 to 1e-4).
+  # Within BERT's usual fine-tuning range (1e-5 to 1e-4).
+  c.learning_rate = 1e-4
   c.head_learning_rate = 1e-3
   c.warmup_steps = 60
   c.optimizer.weight_decay = 0.01

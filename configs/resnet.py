@@ -23,14 +23,20 @@ from finetune_jax import base_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config.get_config()  # Every field, documented.
-  c.pretrained = 'resnet18-random'  # An alias (README) or a checkpoint path: your torchvision/timm .pth, HF ResNet dir or Keras ResNet50 .weights.h5.
-  c.dataset = 'mnist5k'  # An alias (README) or a TFDS name prepared in data_dir; 1000 test images keep evaluation short on CPU.
-  c.num_classes = 10  # Size of the new head.
-  c.image_size = 32  # Input resolution; images are resized (and cropped) to it on the host. ResNet's stride 32 leaves 1x1 at the top.
-  c.peft.method = 'full'  # Random init: everything trains.
-  c.total_steps = 80  # ~1.3 epochs of the 4000 training digits; sized for ~3 minutes on 2 busy CPU cores.
-  c.learning_rate = 1e-3  # Body; from scratch, so a from-scratch rate (1e-4 for pretrained weights).
-  c.head_learning_rate = 1e-3  # The new head. None: learning_rate.
+  # Or your torchvision/timm .pth, an HF ResNet dir or a Keras ResNet50 .h5.
+  c.pretrained = 'resnet18-random'
+  # Its 1000 test images keep evaluation short on CPU.
+  c.dataset = 'mnist5k'
+  c.num_classes = 10
+  # ResNet's stride 32 leaves 1x1 at the top.
+  c.image_size = 32
+  # Random init: everything trains.
+  c.peft.method = 'full'
+  # ~1.3 epochs of the 4000 training digits; ~3 minutes on 2 busy CPU cores.
+  c.total_steps = 80
+  # From scratch, so a from-scratch rate (1e-4 for pretrained weights).
+  c.learning_rate = 1e-3
+  c.head_learning_rate = 1e-3
   c.warmup_steps = 10
   c.eval_every = 40
   c.checkpoint_every = 80

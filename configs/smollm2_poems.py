@@ -23,13 +23,17 @@ from finetune_jax import base_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config.get_config()  # Every field, documented.
-  c.pretrained = 'smollm2-135m'  # An alias (README), a Llama GGUF file or an HF Llama dir.
-  c.dataset = 'fortunes_poems'  # 571 train / 149 test poems and songs (README).
+  # Or a Llama GGUF file or an HF Llama dir.
+  c.pretrained = 'smollm2-135m'
+  # 571 train / 149 test poems and songs (README).
+  c.dataset = 'fortunes_poems'
   c.task = 'causal_lm'
-  c.text.max_length = 256  # Tokens per packed row.
+  c.text.max_length = 256
   c.peft.method = 'partial'
-  c.peft.num_frozen_blocks = 21  # embed_tokens and layers_0..19.
-  c.eval_before_training = True  # Step 0: the base model's held-out perplexity.
+  # embed_tokens and layers_0..19.
+  c.peft.num_frozen_blocks = 21
+  # Step 0: the base model's held-out perplexity.
+  c.eval_before_training = True
   c.generation.prompts = ('Roses are red,', 'The sea')
   c.generation.max_new_tokens = 48
   c.total_steps = 60

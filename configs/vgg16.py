@@ -22,15 +22,23 @@ from finetune_jax import base_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config.get_config()  # Every field, documented.
-  c.pretrained = 'vgg16-hed'  # An alias (README) or a checkpoint path; vgg16-hed brings the head MLP; vgg16-notop-random is its untrained control.
-  c.dataset = 'mnist5k'  # An alias (README) or a TFDS name prepared in data_dir. Its 1000 test images keep the full eval short.
-  c.num_classes = 10  # Size of the new head.
-  c.image_size = 32  # Input resolution, >= 32 (five 2x2 pools): block5_pool is 1x1x512. The frozen conv stack runs ~120 img/s here.
-  c.peft.method = 'linear_probe'  # full | linear_probe | bitfit | partial. linear_probe: the new head (all of head/) trains, the base is frozen.
-  c.peft.num_frozen_blocks = 10  # partial: freeze the first N of the model's blocks (block1_conv1 .. block5_conv3; 10 leaves block5 training).
-  c.total_steps = 350  # 5.6 epochs of the 4000 training images.
-  c.learning_rate = 3e-4  # Body (used by partial/full only): 10x below the head's.
-  c.head_learning_rate = 3e-3  # The new head learns from scratch, and in few steps. None: learning_rate.
+  # vgg16-hed brings the head MLP; vgg16-notop-random is its untrained control.
+  c.pretrained = 'vgg16-hed'
+  # Its 1000 test images keep the full eval short.
+  c.dataset = 'mnist5k'
+  c.num_classes = 10
+  # >= 32 (five 2x2 pools): block5_pool is 1x1x512. The frozen conv stack runs ~120 img/s here.
+  c.image_size = 32
+  # The new head (all of head/) trains, the base is frozen.
+  c.peft.method = 'linear_probe'
+  # With partial: the blocks are block1_conv1 .. block5_conv3; 10 leaves block5 training.
+  c.peft.num_frozen_blocks = 10
+  # 5.6 epochs of the 4000 training images.
+  c.total_steps = 350
+  # Used by partial and full only: 10x below the head's.
+  c.learning_rate = 3e-4
+  # The new head learns from scratch, and in few steps.
+  c.head_learning_rate = 3e-3
   c.warmup_steps = 20
   c.eval_every = 350
   c.checkpoint_every = 350

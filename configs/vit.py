@@ -26,13 +26,18 @@ from finetune_jax import base_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config.get_config()  # Every field, documented.
-  c.pretrained = 'vit-ti16-random'  # An alias (README) or a checkpoint path: an HF ViT dir or a vit_jax/big_vision .npz.
-  c.dataset = 'mnist5k'  # An alias (README) or a TFDS name prepared in data_dir.
-  c.num_classes = 10  # Size of the new head.
-  c.image_size = 32  # Input resolution, a multiple of the patch size (16): 2x2 patches; the position embeddings are resized to it.
-  c.peft.method = 'full'  # Random init: everything trains. With real weights: partial, num_frozen_blocks=3 (embedding, cls, pos_embedding).
+  # Or an HF ViT dir or a vit_jax/big_vision .npz.
+  c.pretrained = 'vit-ti16-random'
+  c.dataset = 'mnist5k'
+  c.num_classes = 10
+  # A multiple of the patch size (16): 2x2 patches; the position embeddings are resized to it.
+  c.image_size = 32
+  # Random init: everything trains. With real weights: partial, num_frozen_blocks=3 (embedding, cls,
+  # pos_embedding).
+  c.peft.method = 'full'
   c.total_steps = 240
-  c.learning_rate = 1e-3  # Body; high, as for training from scratch; about 1e-4 for real pretrained weights.
+  # High, as for training from scratch; about 1e-4 for real pretrained weights.
+  c.learning_rate = 1e-3
   c.warmup_steps = 20
   c.eval_every = 120
   c.checkpoint_every = 120

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finetune_jax.models import attention
-from finetune_jax.peft import virtual_tokens
+from finetune_jax.peft import base
 
 # Traces of the jitted loop (a test checks repeated calls reuse one compilation).
 _TRACE_COUNT = [0]
@@ -77,7 +77,7 @@ def generate(module, params, config: dict, input_ids, attention_mask=None, *,
   if attention_mask.shape != (batch, length):
     raise ValueError(f'attention_mask has shape {attention_mask.shape}; expected '
                      f'{(batch, length)} like input_ids.')
-  reserved = virtual_tokens.reserved_positions(module)
+  reserved = base.reserved_positions(module)
   _check_prompts(input_ids, attention_mask, config, max_new_tokens, reserved)
 
   eos = config.get('eos_token_id') if eos_token_id is None else eos_token_id
@@ -152,7 +152,7 @@ def _generate(params, input_ids, attention_mask, rng, temperature, top_k, top_p,
   batch, length = input_ids.shape
   num_layers, num_kv_heads, head_dim = cache_spec
   total = length + max_new_tokens  # the last token's slot is written, never read
-  if virtual_tokens.reserved_positions(module):
+  if base.reserved_positions(module):
     cache = module.init_cache(params, batch, total)  # its first slots hold the prompt/prefix
   else:
     cache = attention.init_cache(
@@ -209,7 +209,7 @@ def generate_text(model, prompts: Sequence[str], *, max_new_tokens: int,
   eos = set() if eos is None else {int(e) for e in np.atleast_1d(eos)}
   length = max(len(i) for i in ids)
   context = config.get('max_position_embeddings')
-  context = (context - virtual_tokens.reserved_positions(model.module) if context
+  context = (context - base.reserved_positions(model.module) if context
              else length + max_new_tokens)
   padded = -(-length // pad_multiple) * pad_multiple
   length = max(length, min(padded, context - max_new_tokens))

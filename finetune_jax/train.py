@@ -28,7 +28,6 @@ from finetune_jax import tasks
 from finetune_jax import workdir as workdir_lib
 from finetune_jax.peft import hf_format
 from finetune_jax.peft import paths
-from finetune_jax.peft import virtual_tokens
 
 
 class _Progress:
@@ -166,7 +165,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   splits = pipelines.open_dataset(config)
   model, adapted = build_model(config)
   pipeline = pipelines.make(config, splits, model,
-                            virtual_tokens.reserved_positions(adapted.module))
+                            adapted.method.reserved_positions(adapted))
   state, frozen, tx = initial_state(config, model, adapted)
   workdir_lib.write_config(workdir, config)
 

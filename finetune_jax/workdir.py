@@ -10,10 +10,12 @@ import os
 import tensorboardX
 
 from finetune_jax import base_config
+from finetune_jax import peft
 
 # Keys that fix the model, method, data or shapes of a run. Changing one
 # makes the checkpoints in the workdir meaningless; `total_steps` and the
-# like may change, which is how a finished run is extended.
+# like may change, which is how a finished run is extended. Of `peft`, only
+# the chosen method's own fields count (`peft.lora.rank` is no bitfit run's).
 IDENTITY_KEYS = ('pretrained', 'dataset', 'task', 'num_classes', 'image_size',
                  'text.pooling', 'dont_load', 'peft', 'optimizer.name')
 
@@ -27,15 +29,22 @@ def _get(config: dict, dotted: str):
   return config
 
 
-def _leaves(key: str, value) -> dict:
-  """{'peft.lora.rank': 8, ...}: a config subtree as dotted leaves."""
-  if value is _ABSENT:
+def _other_methods_fields(name: str) -> set:
+  """The dotted `peft` fields that belong to methods other than `name`."""
+  mine = set(peft.method.get(name).fields) if name in peft.method.names() else set()
+  others = {f for n in peft.method.names() for f in peft.method.get(n).fields}
+  return {f'peft.{f}' for f in others - mine}
+
+
+def _leaves(key: str, value, skip=frozenset()) -> dict:
+  """{'peft.lora.rank': 8, ...}: a config subtree as dotted leaves, less `skip`'s."""
+  if value is _ABSENT or key in skip:
     return {}
   if not isinstance(value, dict):
     return {key: value}
   out = {}
   for name, child in value.items():
-    out.update(_leaves(f'{key}.{name}', child))
+    out.update(_leaves(f'{key}.{name}', child, skip))
   return out
 
 
@@ -52,11 +61,12 @@ def check_compatible(workdir: str, config) -> None:
     old = json.load(f)
   new = _json_roundtrip(config.to_dict())
   default = _json_roundtrip(base_config.get_config().to_dict())
+  other = _other_methods_fields(config.peft.method)
   old_leaves, new_leaves, default_leaves = {}, {}, {}
   for key in IDENTITY_KEYS:
-    old_leaves.update(_leaves(key, _get(old, key)))
-    new_leaves.update(_leaves(key, _get(new, key)))
-    default_leaves.update(_leaves(key, _get(default, key)))
+    old_leaves.update(_leaves(key, _get(old, key), other))
+    new_leaves.update(_leaves(key, _get(new, key), other))
+    default_leaves.update(_leaves(key, _get(default, key), other))
   # A field the run's config.json lacks was added to the code after the run,
   # which then ran as its default does.
   for key, value in default_leaves.items():

@@ -42,3 +42,17 @@ def test_config_is_complete_and_valid(path, arg):
 def test_unknown_config_argument_is_refused(path):
   with pytest.raises(ValueError, match="Unknown config argument 'smok'"):
     load(path).get_config('smok')
+
+
+def test_config_arguments_set_fields_by_path_or_unique_name():
+  default = load(os.path.join(os.path.dirname(CONFIGS[0]), 'default.py'))
+  config = default.get_config("method=lora,smoke,rank=4,peft.lora.targets=('q', 'v')")
+  assert (config.peft.method, config.peft.lora.rank, config.peft.lora.targets) == (
+      'lora', 4, ('q', 'v'))
+  assert config.total_steps == 6  # smoke, in any position
+  assert default.get_config('head_learning_rate=None').head_learning_rate is None
+  for arg, message in [('targets=("q",)', r'ambiguous.*peft.ia3.targets.*peft.lora.targets'),
+                       ('rnak=3', r"Unknown config argument field 'rnak'.*'rank'"),
+                       ("rank='x'", r'peft.lora.rank=.x.')]:
+    with pytest.raises(ValueError, match=message):
+      default.get_config(arg)

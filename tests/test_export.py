@@ -26,6 +26,7 @@ from finetune_jax.peft import hf_format
 from finetune_jax.peft import ia3
 from finetune_jax.peft import lora
 from finetune_jax.peft import paths
+from finetune_jax.peft import virtual_tokens
 from hf_files import around_one, normal, randomise
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
@@ -693,8 +694,8 @@ def test_run_from_a_peft_prompt_exports(zoo, tmp_path, monkeypatch):
   _peft_virtual(hf, 'llama', 'prompt_tuning', tmp_path / 'start')
   workdir, start, out = _export_run_from_start(tmp_path, monkeypatch, hf_path,
                                                _virtual_config('prompt_tuning'))
-  assert sorted(out) == [hf_format.PROMPT_KEY]
-  np.testing.assert_allclose(out[hf_format.PROMPT_KEY], start[hf_format.PROMPT_KEY] * 1.1,
+  assert sorted(out) == [virtual_tokens.PROMPT_KEY]
+  np.testing.assert_allclose(out[virtual_tokens.PROMPT_KEY], start[virtual_tokens.PROMPT_KEY] * 1.1,
                              rtol=1e-6)
   with pytest.raises(ValueError, match=r"'prompt_tuning' learns positions ahead of the input"):
     export.export(str(workdir), 'merged', str(tmp_path / 'merged'))

@@ -15,6 +15,7 @@ from finetune_jax import optim
 from finetune_jax import peft
 from finetune_jax import steps
 from finetune_jax import tasks
+from finetune_jax.models import architecture
 from finetune_jax.peft import intercept
 from finetune_jax.peft import lora
 from finetune_jax.peft import paths
@@ -392,7 +393,7 @@ def test_a_layer_lora_cannot_adapt_is_named():
   x = jnp.zeros((1, 32, 32, 3))
   with pytest.raises(ValueError, match="selected 'blocks_0/depthwise_conv', a DepthwiseConv"):
     jax.eval_shape(adapted.module.apply, {'params': adapted.params}, x)
-  assert lora.DEFAULT_TARGETS['efficientnet_lite']  # the default adapts its 1x1 convs
+  assert architecture.of(model).has('conv')  # the default role: its 1x1 convs
   defaults = peft.adapt(model, peft_config())
   jax.eval_shape(defaults.module.apply, {'params': defaults.params}, x)
 

@@ -156,3 +156,13 @@ def hf_config(config: dict) -> dict:
   if classes:
     out.update(mapping.hf_labels(classes))
   return out
+
+
+def export_warning(config: dict, has_head: bool) -> str | None:
+  """Why transformers' logits will differ from ours, or None."""
+  if has_head and config.get('pooling') != 'pooler':
+    return (f"This BERT's head reads pooling={config.get('pooling')!r} features, but "
+            "transformers' BertForSequenceClassification feeds its classifier the pooler "
+            'output: its logits will differ from ours (hidden states match). Train with '
+            '--config.text.pooling=pooler for identical logits.')
+  return None

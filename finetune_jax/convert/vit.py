@@ -422,3 +422,17 @@ def params_to_npz(params: dict, path: str, *, num_heads: int,
       out['cls'] = flat['cls']
   out[_NPZ_POSEMB[0] if layout == 'vit_jax' else _NPZ_POSEMB[1]] = posemb
   np.savez(path, **out)
+
+
+# transformers >= 5 renamed ViT's modules (q_proj, mlp.fc1, ...) while its
+# checkpoints kept the old names; HF PEFT keys follow the modules. re.sub pairs
+# over checkpoint module names (from transformers' conversion_mapping).
+V5_MODULE_RENAMES = (
+    (r'encoder\.layer\.(\d+)\.', r'layers.\1.'),
+    (r'\.attention\.attention\.query$', '.attention.q_proj'),
+    (r'\.attention\.attention\.key$', '.attention.k_proj'),
+    (r'\.attention\.attention\.value$', '.attention.v_proj'),
+    (r'\.attention\.output\.dense$', '.attention.o_proj'),
+    (r'\.intermediate\.dense$', '.mlp.fc1'),
+    (r'(layers\.\d+)\.output\.dense$', r'\1.mlp.fc2'),
+)

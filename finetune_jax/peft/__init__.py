@@ -1,35 +1,24 @@
-"""Fine-tuning methods, selected by `config.peft.method`."""
-from finetune_jax.peft import adapter
-from finetune_jax.peft import bitfit
-from finetune_jax.peft import full
-from finetune_jax.peft import ia3
-from finetune_jax.peft import linear_probe
-from finetune_jax.peft import lora
-from finetune_jax.peft import partial
-from finetune_jax.peft import prefix_tuning
-from finetune_jax.peft import prompt_tuning
-from finetune_jax.peft.base import Adapted
+"""Fine-tuning methods, selected by `config.peft.method`.
 
-METHODS = {
-    'full': full.adapt,
-    'linear_probe': linear_probe.adapt,
-    'bitfit': bitfit.adapt,
-    'partial': partial.adapt,
-    'lora': lora.adapt,
-    'dora': lora.adapt_dora,
-    'ia3': ia3.adapt,
-    'adapter': adapter.adapt,
-    'prompt_tuning': prompt_tuning.adapt,
-    'prefix_tuning': prefix_tuning.adapt,
-}
+Each method is one `method.Method`, registered by its own file; importing
+this package registers them all.
+"""
+import dataclasses
+
+from finetune_jax.peft import adapter  # noqa: F401  (each import registers its methods)
+from finetune_jax.peft import freezing  # noqa: F401
+from finetune_jax.peft import ia3  # noqa: F401
+from finetune_jax.peft import lora  # noqa: F401
+from finetune_jax.peft import method
+from finetune_jax.peft import prefix_tuning  # noqa: F401
+from finetune_jax.peft import prompt_tuning  # noqa: F401
+from finetune_jax.peft.base import Adapted
 
 
 def adapt(model, cfg) -> Adapted:
   """Applies `cfg.method` to `model` (a `models.Pretrained`)."""
-  if cfg.method not in METHODS:
-    raise ValueError(f'Unknown peft.method {cfg.method!r}; known methods: '
-                     f'{sorted(METHODS)}.')
-  adapted = METHODS[cfg.method](model, cfg)
+  chosen = method.get(cfg.method)
+  adapted = chosen.adapt(model, cfg)
   if not adapted.trainable:
     raise ValueError(f'peft.method={cfg.method!r} leaves no parameter to train.')
-  return adapted
+  return dataclasses.replace(adapted, method=chosen)

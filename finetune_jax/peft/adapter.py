@@ -13,9 +13,9 @@ model exactly.
 `peft.adapter.kind` places them: 'houlsby' after the attention block's output
 projection and after the MLP's; 'pfeiffer' after the MLP's only. Both sit on
 the projection's output, before the block's dropout, residual and norm
-(BERT: attention/output/dense and output/dense; GPT-2: attn/c_proj and
-mlp/c_proj; Llama: self_attn/o_proj and mlp/down_proj; ViT: attention/out and
-mlp/fc2). `peft.adapter.targets`, when set, replaces that placement.
+(the roles attn_out and mlp_out: BERT's attention/output/dense and
+output/dense, GPT-2's attn/c_proj and mlp/c_proj, ...). `peft.adapter.targets`
+(roles, bare names or regexes, as LoRA's), when set, replaces that placement.
 
 Only the adapters train, plus a classifier head (a task head is new and must
 train; a language model's own head stays frozen, as in HF PEFT).
@@ -25,29 +25,21 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from finetune_jax.models import architecture
 from finetune_jax.models import host_init
 from finetune_jax.peft import base
 from finetune_jax.peft import intercept
+from finetune_jax.peft import method
 from finetune_jax.peft import paths
 
 DOWN, UP = 'adapter_down', 'adapter_up'
 LEAVES = (DOWN, UP)  # subtrees of the adapted module, each {kernel, bias}
-KINDS = ('houlsby', 'pfeiffer')
 SEED = 0  # the down projections' draw; per leaf, so adding a target leaves the others
 DOWN_STD = 0.01
 
-# By `model.config['model']`: (attention output projection, MLP output projection).
-DEFAULT_TARGETS = {
-    'bert': (r'attention/output/dense$', r'layer_\d+/output/dense$'),
-    'gpt2': (r'attn/c_proj$', r'mlp/c_proj$'),
-    'llama': (r'self_attn/o_proj$', r'mlp/down_proj$'),
-    'vit': (r'attention/out$', r'mlp/fc2$'),
-}
-
-
-def default_targets(family: str, kind: str) -> tuple:
-  attention, mlp = DEFAULT_TARGETS[family]
-  return (attention, mlp) if kind == 'houlsby' else (mlp,)
+# The roles `peft.adapter.kind` places adapters on, when no targets are given.
+KIND_ROLES = {'houlsby': ('attn_out', 'mlp_out'), 'pfeiffer': ('mlp_out',)}
+KINDS = tuple(KIND_ROLES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,20 +66,21 @@ def adapt(model, cfg) -> base.Adapted:
   if any(leaf in LEAVES for p in flat for leaf in p.split('/')):
     raise ValueError('These params already hold bottleneck adapters; adapt the plain '
                      'pretrained model.')
-  family = model.config.get('model')
+  arch = architecture.of(model)
   head = model.head if base.trains_head(model) else None
   candidates = paths.candidate_modules(flat, head and head + '/')
   what = 'peft.adapter.targets'
   if not targets:
-    if family not in DEFAULT_TARGETS:
+    if not arch.has(*KIND_ROLES['houlsby']):
       raise base.not_applicable(
           model, 'adapter', 'transformer blocks with attention and MLP output projections '
-          f'({"/".join(sorted(DEFAULT_TARGETS))})',
+          f'({"/".join(architecture.with_roles(*KIND_ROLES["houlsby"]))})',
           'Choose another peft.method (lora, bitfit, ...), or name the Dense/Conv layers '
           f'to adapt in peft.adapter.targets, e.g. {paths.example_patterns(candidates)}.')
-    targets, what = default_targets(family, kind), f'the {family} {kind} peft.adapter.targets'
+    targets = KIND_ROLES[kind]
+    what = f'the {kind} peft.adapter.targets {targets} of {arch.name}'
   modules = paths.select_modules(targets, candidates, what, 'peft.adapter.targets',
-                                 'adapter', head)
+                                 'adapter', head, arch)
   new = {}
   for module in sorted(modules):
     kernel = flat[f'{module}/kernel']
@@ -128,3 +121,18 @@ def adapter_params(params) -> dict:
   """Only the adapter subtrees: what an adapter file holds."""
   return paths.unflatten({p: v for p, v in paths.flatten(params).items()
                           if any(leaf in LEAVES for leaf in p.split('/'))})
+
+
+class Adapter(method.Method):
+  """Bottleneck adapters: HF PEFT has no such tuner, and they do not fold."""
+  name = 'adapter'
+  section = 'adapter'
+
+  def adapt(self, model, cfg) -> base.Adapted:
+    return adapt(model, cfg)
+
+  def check(self, cfg) -> None:
+    _options(cfg)
+
+
+method.register(Adapter())

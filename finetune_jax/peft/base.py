@@ -10,7 +10,6 @@ import dataclasses
 from typing import Callable
 
 import flax.linen as nn
-import ml_collections
 
 from finetune_jax.peft import paths
 
@@ -20,6 +19,7 @@ class Adapted:
   module: nn.Module
   params: dict
   trainable: frozenset  # '/'-joined parameter paths that receive gradients
+  method: object = None  # the `peft.method.Method` that made it (set by `peft.adapt`)
 
 
 def freeze_all_but(model, is_trainable: Callable[[str], bool]) -> Adapted:
@@ -42,9 +42,6 @@ def is_head(model, path: str) -> bool:
   return path.startswith(model.head + '/')
 
 
-Method = Callable[[object, ml_collections.ConfigDict], Adapted]
-
-
 def trains_head(model) -> bool:
   """A classifier head is new and must train; a language model's own head
   stays frozen (as in HF PEFT). Methods that add params train these heads too."""
@@ -64,3 +61,9 @@ def not_applicable(model, method: str, needs: str, fix: str) -> ValueError:
   name = '-'.join(str(model.config[k]) for k in ('model', 'variant') if model.config.get(k))
   return ValueError(f'peft.method={method} does not apply to this model ({name or "?"}): '
                     f'it needs {needs}, which this model lacks. {fix}')
+
+
+def reserved_positions(module) -> int:
+  """Positions of the context a method's module takes before the input (prompt and
+  prefix tuning's P); 0 for every other module."""
+  return getattr(module, 'reserved_positions', 0)

@@ -83,7 +83,7 @@ def our_modules(path, cfg, model, flat: dict, names, what: str) -> dict:
   inverse = hf_names.inverse_names(model, flat)
   unknown = sorted(n for n in names if n not in inverse)
   if unknown:
-    own = hf_names.module_names(model, flat, hf_names.model_modules(flat)).values()
+    own = hf_names.module_names(model, flat, hf_names.model_modules(model)).values()
     raise mismatch(path, f'{what} modules are {fold(names)}',
                    f'({model.config["model"]}) has no module {unknown[0]!r}; its modules are '
                    f'{fold(own)}', base_model_fix(cfg))

@@ -1,7 +1,9 @@
 """LoRA (Hu et al., 2021) and DoRA (Liu et al., 2024) on any zoo model.
 
-`peft.lora.targets` are regexes, re.search'ed over *module paths*: a param
-path without its leaf, such as 'layer_0/attention/self/query'. Every matched
+`peft.lora.targets` are roles ('q', 'v', 'conv': see models/architecture.py),
+HF-style bare module names ('q_proj') or regexes re.search'ed over *module
+paths*: a param path without its leaf, such as 'layer_0/attention/self/query'.
+Empty means roles q and v on a transformer, conv on a CNN. Every matched
 nn.Dense or nn.Conv gets, next to its kernel W (in, out) or (kh, kw, in, out):
 
   lora_a          (in, r) or (kh, kw, in, r)  kaiming-uniform or gaussian
@@ -23,6 +25,7 @@ The update is never formed as a full-size matrix while training: x A and
 Only the LoRA params train, plus a classifier head (a task head is new and
 must train; a language model's own head stays frozen, as in HF PEFT).
 """
+import collections
 import dataclasses
 import math
 import re
@@ -32,28 +35,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax.models import architecture
 from finetune_jax.models import host_init
 from finetune_jax.peft import base
+from finetune_jax.peft import hf_common
+from finetune_jax.peft import hf_names
 from finetune_jax.peft import intercept
+from finetune_jax.peft import method
 from finetune_jax.peft import paths
+from finetune_jax.peft.hf_common import PEFT_PREFIX
+from finetune_jax.peft.hf_common import PEFT_WEIGHTS
 
 A, B, MAGNITUDE = 'lora_a', 'lora_b', 'lora_magnitude'
 LEAVES = (A, B, MAGNITUDE)
 INITS = ('kaiming', 'gaussian')
 SEED = 0  # lora_a's draw; per leaf, so adding a target leaves the others as they were
 
-# `peft.lora.targets=()` means these, by `model.config['model']`: the
+# `peft.lora.targets=()` means the first of these the architecture has: the
 # attention query and value projections of the transformers (HF PEFT's
 # defaults) and the convolutions inside the CNNs' blocks.
-DEFAULT_TARGETS = {
-    'bert': (r'attention/self/(query|value)$',),
-    'vit': (r'attention/(query|value)$',),
-    'gpt2': (r'attn/c_attn$',),
-    'llama': (r'self_attn/(q|v)_proj$',),
-    'resnet': (r'_block\d+/conv\d$',),
-    'efficientnet_lite': (r'(expand|project)_conv$',),
-    'vgg': (r'^block\d+_conv\d+$',),
-}
+DEFAULT_ROLES = (('q', 'v'), ('conv',))
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -140,17 +141,8 @@ def _apply_kernel(m, x, kernel):
 # ------------------------------------------------------------------ adapt
 
 
-def adapt(model, cfg) -> base.Adapted:
-  """LoRA on the modules `cfg.lora.targets` selects."""
-  return _adapt(model, cfg, dora=False)
-
-
-def adapt_dora(model, cfg) -> base.Adapted:
-  """DoRA on the modules `cfg.lora.targets` selects (same options as LoRA)."""
-  return _adapt(model, cfg, dora=True)
-
-
-def _adapt(model, cfg, dora: bool) -> base.Adapted:
+def adapt(model, cfg, dora: bool = False) -> base.Adapted:
+  """LoRA (or DoRA) on the modules `cfg.lora.targets` selects."""
   opts = _options(cfg)
   flat = paths.flatten(model.params)
   if any(p.rsplit('/', 1)[-1] in LEAVES for p in flat):
@@ -159,17 +151,19 @@ def _adapt(model, cfg, dora: bool) -> base.Adapted:
   head_trains = base.trains_head(model)
   skip = model.head + '/' if head_trains else None
   candidates = candidate_modules(flat, skip)
-  what = 'peft.lora.targets'
-  patterns = opts['targets']
-  if not patterns:
-    family = model.config.get('model')
-    if family not in DEFAULT_TARGETS:
+  arch = architecture.of(model)
+  what, targets = 'peft.lora.targets', opts['targets']
+  if not targets:
+    targets = next((roles for roles in DEFAULT_ROLES if arch.has(*roles)), None)
+    if targets is None:
       raise ValueError(
-          f'peft.lora.targets is empty and model family {family!r} has no default. Set '
-          f'--config.peft.lora.targets, e.g. {paths.example_patterns(candidates)}; the '
-          f'Dense/Conv modules are {paths.fold_digits(candidates)}.')
-    patterns, what = DEFAULT_TARGETS[family], f'the {family} default peft.lora.targets'
-  targets = select(patterns, candidates, what, head=model.head if head_trains else None)
+          f'peft.lora.targets is empty and {arch.name} has none of the default roles '
+          f'{DEFAULT_ROLES}. Set --config.peft.lora.targets, e.g. '
+          f'{paths.example_patterns(candidates)}; the Dense/Conv modules are '
+          f'{paths.fold_digits(candidates)}.')
+    what = f'the default peft.lora.targets {targets} of {arch.name}'
+  targets = select(targets, candidates, what, head=model.head if head_trains else None,
+                   arch=arch)
   ranks = _ranks(sorted(targets), opts['rank'], opts['rank_overrides'])
   _check_ranks(ranks, flat)
 
@@ -218,9 +212,10 @@ def _options(cfg) -> dict:
 candidate_modules = paths.candidate_modules
 
 
-def select(patterns, candidates, what: str, head: str | None = None) -> set:
-  """The candidates any pattern re.search-es; a pattern matching none is an error."""
-  return paths.select_modules(patterns, candidates, what, 'peft.lora.targets', 'LoRA', head)
+def select(targets, candidates, what: str, head: str | None = None, arch=None) -> set:
+  """The candidates the targets select; a target selecting none is an error."""
+  return paths.select_modules(targets, candidates, what, 'peft.lora.targets', 'LoRA', head,
+                              arch)
 
 
 def _ranks(targets, rank, overrides) -> dict:
@@ -336,3 +331,230 @@ def unmerge(module, merged, adapter, norms: dict | None = None) -> dict:
       w = w * (norms[m] / lora[f'{m}/{MAGNITUDE}'])
     out[f'{m}/kernel'] = (w - update).astype(kernel.dtype)
   return paths.unflatten(out)
+
+
+# ------------------------------------------------------------------ HF PEFT layout
+# HF PEFT names each LoRA tensor after the transformers *module* it adapts,
+# prefixed 'base_model.model.', in torch layouts:
+#   lora_A.weight          (r, in)  | (r, in, kh, kw)    ours lora_a (in, r) | (kh, kw, in, r)
+#   lora_B.weight          (out, r) | (out, r, 1, 1)     ours lora_b (r, out)
+#   lora_magnitude_vector  (out,)   | (1, out, 1, 1)     ours lora_magnitude (out,)
+# (Linear and GPT-2's Conv1D | Conv2d.)
+
+
+def lora_hook(adapted):
+  """The run's LoRA/DoRA hook, or None for other methods."""
+  hook = getattr(adapted.module, 'hook', None)
+  return hook if isinstance(hook, Hook) else None
+
+
+def _number(x: float):
+  return int(x) if float(x).is_integer() else float(x)
+
+
+# ------------------------------------------------------------------ save
+
+
+def peft_tensors(model, hook, flat: dict) -> tuple[dict, dict]:
+  """PEFT's LoRA/DoRA tensors and the config fields of their own."""
+  modules = adapted_modules(flat)
+  names = hf_names.module_names(model, flat, modules)
+  tensors, ranks = {}, {}
+  for m in modules:
+    a, b = np.asarray(flat[f'{m}/{A}']), np.asarray(flat[f'{m}/{B}'])
+    conv = a.ndim == 4
+    key = PEFT_PREFIX + names[m]
+    ranks[names[m]] = a.shape[-1]
+    tensors[f'{key}.lora_A.weight'] = a.transpose(3, 2, 0, 1) if conv else a.T
+    tensors[f'{key}.lora_B.weight'] = b.T[:, :, None, None] if conv else b.T
+    if hook.dora:
+      magnitude = np.asarray(flat[f'{m}/{MAGNITUDE}'])
+      tensors[f'{key}.lora_magnitude_vector'] = (
+          magnitude.reshape(1, -1, 1, 1) if conv else magnitude)
+  r = collections.Counter(ranks.values()).most_common(1)[0][0]
+  return tensors, {
+      'peft_type': 'LORA', 'r': r,
+      'lora_alpha': _number(hook.alpha), 'lora_dropout': hook.dropout,
+      'target_modules': _target_modules(model, flat, set(names.values())),
+      'rank_pattern': {re.escape(n): k for n, k in ranks.items() if k != r},
+      'alpha_pattern': {}, 'use_rslora': hook.rslora, 'use_dora': hook.dora,
+      'bias': 'none', 'init_lora_weights': True}
+
+
+def _target_modules(model, flat: dict, chosen: set):
+  """PEFT's target_modules: short names ('query', 'value') when they select
+  exactly `chosen`, else the full module names (exact in PEFT too)."""
+  candidates = candidate_modules(flat, model.head + '/' if hf_names.has_head(model) else None)
+  everything = (set(hf_names.module_names(model, flat, candidates).values())
+                | hf_names.extra_hf_modules(model))
+  leaves = sorted({n.rsplit('.', 1)[-1] for n in chosen})
+  if {n for n in everything if n.rsplit('.', 1)[-1] in leaves} == chosen:
+    return leaves
+  return sorted(chosen)
+
+
+# ------------------------------------------------------------------ load
+
+
+def load(adapted, model, path, cfg):
+  """An HF PEFT LoRA/DoRA dir: the base model first (names, shapes), then method,
+  targets, ranks, alpha, head."""
+  flat = paths.flatten(adapted.params)
+  loras, others = _split_peft_tensors(path, hf_common.read_weights(path, PEFT_WEIGHTS))
+  new, ranks = _map_loras(path, cfg, model, flat, loras)
+  _check_options(path, cfg, adapted)
+  hook = lora_hook(adapted)
+  if hook.dora:
+    missing = sorted(n for n, leaves in loras.items() if 'lora_magnitude_vector' not in leaves)
+    if missing:
+      raise ValueError(f'{path}: {missing[0]} has no lora_magnitude_vector, which DoRA needs.')
+  _check_targets(path, ranks, adapted_modules(flat))
+  mine = {m: int(np.shape(flat[f'{m}/{A}'])[-1]) for m in adapted_modules(flat)}
+  if mine != ranks:
+    their = sorted(set(ranks.values()))
+    fix = (f'Set --config.peft.lora.rank={their[0]}.' if len(their) == 1 else
+           'Set peft.lora.rank and peft.lora.rank_overrides to these ranks.')
+    raise hf_common.differs(path, f'has LoRA ranks {dict(sorted(ranks.items())[:4])}',
+                            f'uses ranks {dict(sorted(mine.items())[:4])}', fix)
+  _check_alpha(path, cfg, hook, list(loras))
+  new.update(hf_common.head_from(path, model, flat, others))
+  return hf_common.replaced(adapted, flat, new)
+
+
+def _split_peft_tensors(path, tensors: dict) -> tuple[dict, dict]:
+  """({HF module: {'lora_A'|'lora_B'|'lora_magnitude_vector': array}}, {other name: array})."""
+  loras, others = collections.defaultdict(dict), {}
+  for key, value in tensors.items():
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    m = re.match(r'^(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$',
+                 name)
+    if m:
+      loras[m[1]][m[2].split('.')[0]] = np.asarray(value)
+    elif '.lora_' in name:
+      raise ValueError(f'{path}: {key} is a LoRA tensor of a kind this project does not '
+                       'import (lora_A, lora_B and lora_magnitude_vector only).')
+    else:
+      others[name] = np.asarray(value)
+  incomplete = sorted(n for n, leaves in loras.items()
+                      if 'lora_A' not in leaves or 'lora_B' not in leaves)
+  if incomplete:
+    raise ValueError(f'{path}: {incomplete[0]} lacks lora_A or lora_B: the adapter file '
+                     'is incomplete.')
+  return dict(loras), others
+
+
+def _map_loras(path, cfg, model, flat, loras) -> tuple[dict, dict]:
+  """Our {param path: array} and {module: rank}; a module or shape that is not
+  this base model's is a mismatch error."""
+  ours_of = hf_common.our_modules(path, cfg, model, flat, loras, 'adapted')
+  new, ranks = {}, {}
+  for name, leaves in loras.items():
+    ours = ours_of[name]
+    kernel_shape = tuple(np.shape(flat[f'{ours}/kernel']))
+    a_hf, b_hf = leaves['lora_A'], leaves['lora_B']
+    a = a_hf.transpose(2, 3, 1, 0) if a_hf.ndim == 4 else a_hf.T
+    b = b_hf.reshape(b_hf.shape[0], -1).T
+    if (a.shape[:-1] != kernel_shape[:-1] or b.shape[-1] != kernel_shape[-1]
+        or a.shape[-1] != b.shape[0]):
+      raise hf_common.mismatch(path, f'{name} maps {a.shape[:-1]} -> {b.shape[-1]} features '
+                               f'(lora_A {a_hf.shape}, lora_B {b_hf.shape})',
+                               f'has {ours!r} with a {kernel_shape} kernel',
+                               hf_common.base_model_fix(cfg))
+    ranks[ours] = a.shape[-1]
+    new[f'{ours}/{A}'], new[f'{ours}/{B}'] = a, b
+    if 'lora_magnitude_vector' in leaves:
+      new[f'{ours}/{MAGNITUDE}'] = leaves['lora_magnitude_vector'].reshape(-1)
+  return new, ranks
+
+
+def _check_options(path, cfg, adapted) -> None:
+  """The run's method and LoRA options must be the adapter's."""
+  hook = lora_hook(adapted)
+  kind = 'dora' if cfg.get('use_dora') else 'lora'
+  if hook is None or hook.dora != bool(cfg.get('use_dora')):
+    raise ValueError(f'{path} holds a {"DoRA" if kind == "dora" else "LoRA"} adapter; set '
+                     f'--config.peft.method={kind} to load it with peft.init_from.')
+  unsupported = [k for k, bad in (
+      ('bias', cfg.get('bias', 'none') != 'none'), ('lora_bias', cfg.get('lora_bias')),
+      ('layer_replication', cfg.get('layer_replication')),
+      ('trainable_token_indices', cfg.get('trainable_token_indices'))) if bad]
+  if unsupported:
+    raise ValueError(f'{path} uses LoRA options this project does not implement: '
+                     f'{", ".join(f"{k}={cfg.get(k)!r}" for k in unsupported)}.')
+  rslora = bool(cfg.get('use_rslora'))
+  if rslora != hook.rslora:
+    raise ValueError(f'{path} has use_rslora={rslora}; set --config.peft.lora.rslora={rslora} '
+                     'to match it.')
+
+
+def _targets_hint(wanted: set) -> str:
+  leaves = sorted({m.rsplit('/', 1)[-1] for m in wanted})
+  return '(' + ', '.join(repr(f'{n}$') for n in leaves) + (',)' if len(leaves) == 1 else ')')
+
+
+def _check_targets(path, theirs: dict, mine: list) -> None:
+  missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+  if missing or extra:
+    raise hf_common.differs(
+        path, f'adapts {hf_common.fold(theirs)}',
+        f'adapts {hf_common.fold(mine)} (peft.lora.targets)'
+        + (f'; the adapter lacks {missing[:3]}' if missing else '')
+        + (f'; this run leaves out {extra[:3]}' if extra else ''),
+        f'Set --config.peft.lora.targets="{_targets_hint(set(theirs))}" (regexes over our '
+        'module paths) to adapt the same modules.')
+
+
+def _check_alpha(path, cfg, hook, names) -> None:
+  """PEFT's lora_alpha (or an alpha_pattern entry) must be this run's alpha."""
+  alpha = cfg.get('lora_alpha', 8)
+  pattern = cfg.get('alpha_pattern') or {}
+  alphas = set()
+  for name in names:
+    key = next((k for k in pattern if re.match(rf'(.*\.)?({k})$', name)), None)
+    alphas.add(float(pattern[key] if key is not None else alpha))
+  if len(alphas) > 1:
+    raise ValueError(f'{path} scales its modules by different alphas ({sorted(alphas)}, '
+                     'alpha_pattern); this project uses one peft.lora.alpha for all.')
+  (theirs,) = alphas or {float(alpha)}
+  if not math.isclose(theirs, hook.alpha, rel_tol=1e-6):
+    raise ValueError(f'{path} has lora_alpha={_number(theirs)} but this run '
+                     f'peft.lora.alpha={_number(hook.alpha)}; set '
+                     f'--config.peft.lora.alpha={_number(theirs)} to match it.')
+
+
+# ------------------------------------------------------------------ the method
+
+
+class LoRA(method.Method):
+  """LoRA, or DoRA with `dora`; both read the `peft.lora` section."""
+  section = 'lora'
+  peft_types = ('LORA',)
+  mergeable = True
+
+  def __init__(self, name: str, dora: bool):
+    self.name, self.dora = name, dora
+
+  def adapt(self, model, cfg) -> base.Adapted:
+    return adapt(model, cfg, dora=self.dora)
+
+  def check(self, cfg) -> None:
+    _options(cfg)
+
+  def merged(self, adapted, params) -> dict:
+    return merge(adapted.module, params)
+
+  def to_peft(self, model, adapted, params):
+    tensors, config = peft_tensors(model, _hook(adapted.module), paths.flatten(params))
+    config['fan_in_fan_out'] = hf_names.family(model).fan_in_fan_out
+    return tensors, config, PEFT_PREFIX
+
+  def from_peft(self, adapted, model, path, cfg):
+    return load(adapted, model, path, cfg)
+
+  def saved_options(self, adapted) -> dict:
+    hook = _hook(adapted.module)
+    return {'alpha': hook.alpha, 'rslora': hook.rslora, 'dora': hook.dora}
+
+
+method.register(LoRA('lora', dora=False))
+method.register(LoRA('dora', dora=True))

@@ -87,25 +87,31 @@ def example_patterns(candidates) -> str:
   return '(' + ', '.join(repr(f'{n}$') for n in names) + (',)' if len(names) == 1 else ')')
 
 
-def select_modules(patterns, candidates, what: str, option: str, method: str,
-                   head: str | None = None) -> set:
-  """The candidates any pattern re.search-es; a pattern matching none is an error.
+def select_modules(targets, candidates, what: str, option: str, method: str,
+                   head: str | None = None, architecture=None) -> set:
+  """The candidates a target selects; a target selecting none is an error.
 
-  The error is the commonest PEFT complaint, so it names the nearest module
-  paths and all candidates. what: where the patterns came from; option: the
-  config field to fix ('peft.lora.targets'); method: 'LoRA', for the message.
+  Targets are roles, bare names or regexes, as `architecture.pattern` reads
+  them (regexes only without an architecture). The error is the commonest
+  PEFT complaint, so it names the nearest module paths and all candidates.
+  what: where the targets came from; option: the config field to fix
+  ('peft.lora.targets'); method: 'LoRA', for the message.
   """
   if not candidates:
     raise ValueError(f'{what}: this model has no nn.Dense or nn.Conv kernel to adapt.')
   matched, unmatched = set(), []
-  for pattern in patterns:
+  for target in targets:
+    try:
+      pattern = architecture.pattern(target) if architecture else target
+    except ValueError as e:
+      raise ValueError(f'{what}: {e}') from None
     try:
       regex = re.compile(pattern)
     except re.error as e:
       raise ValueError(f'{what}: {pattern!r} is not a valid regex ({e}).') from None
     hits = {p for p in candidates if regex.search(p)}
     if not hits:
-      unmatched.append(pattern)
+      unmatched.append(target)
     matched |= hits
   if unmatched:
     close = {p: nearest(p, candidates, n=5) for p in unmatched}

@@ -24,7 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax.models import architecture
 from finetune_jax.peft import base
+from finetune_jax.peft import hf_names
+from finetune_jax.peft import method
 from finetune_jax.peft import paths
 from finetune_jax.peft import virtual_tokens
 
@@ -85,14 +88,14 @@ def to_rows(keys, values) -> np.ndarray:
 
 def adapt(model, cfg) -> base.Adapted:
   """Prefixes of `cfg.prefix_tuning.num_virtual_tokens` slots in every layer."""
-  family = virtual_tokens.check_applicable(model, 'prefix_tuning')
+  embedding = virtual_tokens.check_applicable(model, 'prefix_tuning')
   n, init, hidden = _options(cfg)
   flat = paths.flatten(model.params)
   if any(p.startswith(KEY + '/') for p in flat):
     raise ValueError('These params already hold a prefix; adapt the plain pretrained model.')
   spec = virtual_tokens.cache_spec(model.config)
-  module = PrefixTuned(model.module, n, KEY, spec, family)
-  table = np.asarray(flat[virtual_tokens.EMBEDDINGS[family]])
+  module = PrefixTuned(model.module, n, KEY, spec, embedding, architecture.of(model).decoder)
+  table = np.asarray(flat[embedding])
   ids = virtual_tokens.sample_token_ids(model, n, seed=0)
   layers, kv_heads, head_dim = spec
   if hidden:
@@ -134,3 +137,53 @@ def _options(cfg) -> tuple[int, str, int]:
     raise ValueError(f'peft.prefix_tuning.projection_size={hidden!r} must be 0 (no MLP) or '
                      'a positive integer (the MLP\'s hidden width).')
   return n, init, hidden
+
+
+class PrefixTuning(virtual_tokens.VirtualTokensMethod):
+  """In HF PEFT's layout the prefix is one (P, layers * 2 * kv_heads * head_dim)
+  tensor laid out (P, layer, key|value, kv head, dim): what PEFT views as
+  past_key_values. PEFT saves that prefix, never its MLP (prefix_projection), so
+  a prefix trained through an MLP exports as the prefix the MLP makes."""
+  name = 'prefix_tuning'
+  section = 'prefix_tuning'
+  peft_types = ('PREFIX_TUNING',)
+
+  def adapt(self, model, cfg) -> base.Adapted:
+    return adapt(model, cfg)
+
+  def options(self, cfg):
+    return _options(cfg)
+
+  def peft_rows(self, model, module, params):
+    why = hf_names.family(model).no_prefix_why
+    if why:
+      raise ValueError(
+          f"peft.method='prefix_tuning' on {architecture.of(model).title} has no HF PEFT "
+          f'export: {why}. Export it with --format adapter (our own layout, for '
+          '--config.peft.init_from here).')
+    _, kv_heads, head_dim = module.spec
+    keys, values = module.prefixes(params[KEY])
+    width = kv_heads * head_dim  # PEFT's token_dim for a prefix: the key/value width (GQA)
+    return to_rows(keys, values), {
+        'token_dim': width, 'num_attention_heads': kv_heads, 'encoder_hidden_size': width,
+        'prefix_projection': False, 'init_weights': None}
+
+  def peft_widths(self, model):
+    layers, kv_heads, head_dim = virtual_tokens.cache_spec(model.config)
+    mine = {'token_dim': kv_heads * head_dim, 'num_layers': layers,
+            'num_attention_heads': kv_heads}
+    return mine, 2 * layers * kv_heads * head_dim
+
+  def params_from_rows(self, path, cfg, module, flat, rows):
+    if f'{KEY}/keys' not in flat:
+      raise ValueError(
+          f'{path} stores the prefix itself (keys and values: PEFT saves those even with '
+          f'prefix_projection={cfg.get("prefix_projection")}), not an MLP that makes them; '
+          'this run makes its prefix with an MLP. Set '
+          '--config.peft.prefix_tuning.projection_size=0 to load and train the prefix '
+          'directly.')
+    keys, values = from_rows(rows, module.spec)
+    return {f'{KEY}/keys': keys, f'{KEY}/values': values}
+
+
+method.register(PrefixTuning())

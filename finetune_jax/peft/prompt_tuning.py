@@ -26,7 +26,9 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax.models import architecture
 from finetune_jax.peft import base
+from finetune_jax.peft import method
 from finetune_jax.peft import paths
 from finetune_jax.peft import virtual_tokens
 
@@ -39,7 +41,7 @@ class PromptTuned(virtual_tokens.VirtualTokens):
   """`base` with the prompt before its token embeddings."""
 
   def _embeddings(self, params) -> jnp.ndarray:
-    return paths.flatten(params)[virtual_tokens.EMBEDDINGS[self.family]]
+    return paths.flatten(params)[self.embedding]
 
   def _call(self, prompt, variables, input_ids, attention_mask, positions, kwargs):
     n = self.num_virtual_tokens
@@ -59,14 +61,13 @@ class PromptTuned(virtual_tokens.VirtualTokens):
       kwargs['positions'] = jnp.concatenate(
           [jnp.broadcast_to(jnp.arange(n), (batch, n)), jnp.asarray(positions) + n], axis=1)
     out = self.base.apply(variables, None, mask, inputs_embeds=embeds, **kwargs)
-    per_token = ('logits', 'last_hidden_state') if self.family in virtual_tokens.DECODERS \
-        else ('last_hidden_state',)
+    per_token = ('logits', 'last_hidden_state') if self.decoder else ('last_hidden_state',)
     return {k: v[:, n:] if k in per_token else v for k, v in out.items()}
 
   def init_cache(self, params, batch: int, max_length: int) -> dict:
     """A cache of P + max_length slots, the prompt's keys and values in the first P."""
-    if self.family not in virtual_tokens.DECODERS:
-      raise ValueError(f'{self.family} is an encoder: it has no cached generation.')
+    if not self.decoder:
+      raise ValueError('This model is an encoder: it has no cached generation.')
     prompt, params = self.split(params)
     cache = virtual_tokens.empty_cache(self.spec, batch, self.num_virtual_tokens + max_length,
                                        prompt.dtype)
@@ -77,12 +78,12 @@ class PromptTuned(virtual_tokens.VirtualTokens):
 
 def adapt(model, cfg) -> base.Adapted:
   """A prompt of `cfg.prompt_tuning.num_virtual_tokens` vectors, started as `init` says."""
-  family = virtual_tokens.check_applicable(model, 'prompt_tuning')
+  embedding = virtual_tokens.check_applicable(model, 'prompt_tuning')
   n, init, text = _options(cfg)
   flat = paths.flatten(model.params)
   if KEY in flat:
     raise ValueError('These params already hold a prompt; adapt the plain pretrained model.')
-  table = np.asarray(flat[virtual_tokens.EMBEDDINGS[family]])
+  table = np.asarray(flat[embedding])
   if init == 'random':
     rng = virtual_tokens.leaf_rng(KEY)
     prompt = rng.normal(0.0, float(table.std()), (n, table.shape[1]))
@@ -91,7 +92,8 @@ def adapt(model, cfg) -> base.Adapted:
            else _text_ids(model, text, n))
     prompt = table[ids]
   params = {**model.params, KEY: jnp.asarray(prompt, table.dtype)}
-  module = PromptTuned(model.module, n, KEY, virtual_tokens.cache_spec(model.config), family)
+  module = PromptTuned(model.module, n, KEY, virtual_tokens.cache_spec(model.config), embedding,
+                       architecture.of(model).decoder)
   return base.Adapted(module, params, frozenset({KEY}) | base.head_leaves(model))
 
 
@@ -113,3 +115,37 @@ def _options(cfg) -> tuple[int, str, str]:
     raise ValueError("peft.prompt_tuning.init='text' and a non-empty "
                      'peft.prompt_tuning.init_text go together: set both, or neither.')
   return n, init, text
+
+
+class PromptTuning(virtual_tokens.VirtualTokensMethod):
+  name = 'prompt_tuning'
+  section = 'prompt_tuning'
+  peft_types = ('PROMPT_TUNING',)
+
+  def adapt(self, model, cfg) -> base.Adapted:
+    return adapt(model, cfg)
+
+  def options(self, cfg):
+    return _options(cfg)
+
+  def peft_rows(self, model, module, params):
+    """Our prompt (P, D) is PEFT's. PEFT draws a new prompt by prompt_tuning_init; a
+    saved one replaces it, and TEXT would make PEFT load a tokenizer, so RANDOM."""
+    prompt = np.asarray(params[KEY])
+    return prompt, {
+        'token_dim': prompt.shape[-1], 'num_attention_heads': model.config['num_heads'],
+        'prompt_tuning_init': 'RANDOM', 'prompt_tuning_init_text': None,
+        'tokenizer_name_or_path': None, 'tokenizer_kwargs': None}
+
+  def peft_widths(self, model):
+    table = paths.flatten(model.params)[virtual_tokens.embedding_path(model)]
+    mine = {'token_dim': int(np.shape(table)[-1]),
+            'num_layers': virtual_tokens.cache_spec(model.config)[0],
+            'num_attention_heads': model.config['num_heads']}
+    return mine, mine['token_dim']
+
+  def params_from_rows(self, path, cfg, module, flat, rows):
+    return {KEY: rows}
+
+
+method.register(PromptTuning())

@@ -28,6 +28,7 @@ from tokenizers import processors
 
 from finetune_jax.convert import bert as convert_bert
 from finetune_jax.convert import hf_dir
+from finetune_jax.models import architecture
 from finetune_jax.models import bert
 from finetune_jax.models import loading
 from finetune_jax.models import registry
@@ -215,3 +216,19 @@ registry.register_alias(
     'bert-base-random', functools.partial(load_random, variant='base'),
     'BERT-base (110M params), random init, byte-level tokenizer')
 registry.register_checkpoint_loader('bert', ['hf_dir'], _claims_hf_dir, load_hf_dir)
+
+
+architecture.register(architecture.Architecture(
+    'bert', title='BERT',
+    roles={'q': r'attention/self/query$', 'k': r'attention/self/key$',
+           'v': r'attention/self/value$', 'attn_out': r'attention/output/dense$',
+           'mlp_in': r'intermediate/dense$', 'mlp_out': r'layer_\d+/output/dense$',
+           'embed': r'^embeddings/word_embeddings$'},
+    hf=architecture.HFLayout(
+        lambda p, c, prefix: convert_bert.params_to_hf(p, prefix=prefix),
+        convert_bert.hf_config, ('bert.', ''), ('SEQ_CLS', 'FEATURE_EXTRACTION'),
+        extra_modules=lambda c, has_head: (
+            set() if c.get('add_pooler', True) else {('bert.' if has_head else '') + 'pooler.dense'}),
+        export_warning=convert_bert.export_warning,
+        no_prefix_why="transformers 5's BERT takes no past_key_values, so HF PEFT cannot run "
+                      'a prefix on it')))

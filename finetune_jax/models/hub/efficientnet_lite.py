@@ -3,6 +3,7 @@ import functools
 
 from finetune_jax.convert import efficientnet_lite as convert_lite
 from finetune_jax.convert.torch_state_dict import load_torch_state_dict
+from finetune_jax.models import architecture
 from finetune_jax.models import efficientnet_lite
 from finetune_jax.models import loading
 from finetune_jax.models import registry
@@ -68,3 +69,7 @@ for _i in range(5):
       f'efficientnet-lite{_i}-random', functools.partial(load_random, variant=f'lite{_i}'),
       f'EfficientNet-Lite{_i}, random init')
 registry.register_checkpoint_loader('efficientnet_lite', ['torch'], _claims, load_state_dict)
+
+
+architecture.register(architecture.Architecture(
+    'efficientnet_lite', title='EfficientNet-Lite', roles={'conv': r'(expand|project)_conv$'}))

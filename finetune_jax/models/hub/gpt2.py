@@ -16,6 +16,7 @@ from tokenizers import pre_tokenizers
 
 from finetune_jax.convert import gpt2 as convert_gpt2
 from finetune_jax.convert import hf_dir
+from finetune_jax.models import architecture
 from finetune_jax.models import gpt2
 from finetune_jax.models import loading
 from finetune_jax.models import registry
@@ -118,3 +119,15 @@ registry.register_alias(
     'gpt2-small-random', functools.partial(load_random, variant='small'),
     'GPT-2 small (124M params, context 1024), random init, byte-level tokenizer')
 registry.register_checkpoint_loader('gpt2', ['hf_dir'], _claims_hf_dir, load_hf_dir)
+
+
+architecture.register(architecture.Architecture(
+    'gpt2', title='GPT-2',
+    roles={'qkv': r'attn/c_attn$', 'q': r'attn/c_attn$', 'k': r'attn/c_attn$',
+           'v': r'attn/c_attn$', 'attn_out': r'attn/c_proj$', 'mlp_in': r'mlp/c_fc$',
+           'mlp_out': r'mlp/c_proj$', 'embed': r'^wte$'},
+    decoder=True,
+    hf=architecture.HFLayout(
+        lambda p, c, prefix: convert_gpt2.params_to_hf(p, prefix=prefix),
+        convert_gpt2.hf_config, ('transformer.',) * 2, ('CAUSAL_LM',) * 2,
+        fan_in_fan_out=True)))

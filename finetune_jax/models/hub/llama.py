@@ -23,6 +23,7 @@ from flax import traverse_util
 
 from finetune_jax.convert import hf_dir
 from finetune_jax.convert import llama as convert_llama
+from finetune_jax.models import architecture
 from finetune_jax.models import llama
 from finetune_jax.models import loading
 from finetune_jax.models import registry
@@ -170,3 +171,14 @@ registry.register_alias(
     'byte-level vocab 257, tied; tests)')
 registry.register_checkpoint_loader('llama', ['hf_dir'], _claims_hf_dir, load_hf_dir)
 registry.register_checkpoint_loader('llama', ['gguf'], _claims_gguf, load_gguf)
+
+
+architecture.register(architecture.Architecture(
+    'llama', title='Llama',
+    roles={'q': r'self_attn/q_proj$', 'k': r'self_attn/k_proj$', 'v': r'self_attn/v_proj$',
+           'attn_out': r'self_attn/o_proj$', 'mlp_in': r'mlp/(gate|up)_proj$',
+           'mlp_out': r'mlp/down_proj$', 'embed': r'^embed_tokens$'},
+    decoder=True,
+    hf=architecture.HFLayout(
+        lambda p, c, prefix: convert_llama.params_to_hf(p, c),
+        convert_llama.hf_config, ('model.',) * 2, ('CAUSAL_LM',) * 2)))

@@ -18,6 +18,7 @@ from finetune_jax.convert import resnet as convert_resnet
 from finetune_jax.convert.torch_state_dict import load_torch_state_dict
 from finetune_jax.models import loading
 from finetune_jax.models import registry
+from finetune_jax.models import architecture
 from finetune_jax.models import resnet
 
 # keras.applications ResNet v1: stride in the first 1x1 conv, conv biases,
@@ -208,3 +209,7 @@ registry.register_checkpoint_loader(
     'resnet', ['torch', 'safetensors'], _claims_state_dict, load_state_dict)
 registry.register_checkpoint_loader('resnet', ['hf_dir'], _claims_hf_dir, load_hf_dir)
 registry.register_checkpoint_loader('resnet', ['keras_h5'], _claims_keras, load_keras)
+
+
+architecture.register(architecture.Architecture(
+    'resnet', title='ResNet', roles={'conv': r'_block\d+/conv\d$'}))

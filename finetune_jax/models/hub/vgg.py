@@ -17,6 +17,7 @@ from finetune_jax.convert import keras_h5
 from finetune_jax.convert import vgg as convert_vgg
 from finetune_jax.models import loading
 from finetune_jax.models import registry
+from finetune_jax.models import architecture
 from finetune_jax.models import vgg
 
 SEED_HEAD = dict(head_hidden=(256,), head_dropout=0.5)
@@ -117,3 +118,7 @@ registry.register_alias(
                                   head_dropout=0.5),
     'VGG, two tiny blocks, random init, Dense(16) head MLP (tests)')
 registry.register_checkpoint_loader('vgg', ['keras_h5'], _claims, load_keras)
+
+
+architecture.register(architecture.Architecture(
+    'vgg', title='VGG', roles={'conv': r'^block\d+_conv\d+$'}))

@@ -16,6 +16,7 @@ from finetune_jax.convert import hf_dir
 from finetune_jax.convert import vit as convert_vit
 from finetune_jax.models import loading
 from finetune_jax.models import registry
+from finetune_jax.models import architecture
 from finetune_jax.models import vit
 
 
@@ -131,3 +132,16 @@ registry.register_alias('vit-tiny', functools.partial(load_random, variant='tiny
                         'ViT, tiny random init (2 blocks, width 32, patch 8, 32 px; tests)')
 registry.register_checkpoint_loader('vit', ['hf_dir'], _claims_hf_dir, load_hf_dir)
 registry.register_checkpoint_loader('vit', ['npz'], _claims_npz, load_npz)
+
+
+architecture.register(architecture.Architecture(
+    'vit', title='ViT',
+    roles={'q': r'attention/query$', 'k': r'attention/key$', 'v': r'attention/value$',
+           'attn_out': r'attention/out$', 'mlp_in': r'mlp/fc1$', 'mlp_out': r'mlp/fc2$'},
+    hf=architecture.HFLayout(
+        lambda p, c, prefix: convert_vit.params_to_hf(p, prefix=prefix),
+        convert_vit.hf_config, ('vit.', ''), (None, None),
+        extra_modules=lambda c, has_head: (
+            set() if has_head or c.get('representation_size') else {'pooler.dense'}),
+        extra_files={'preprocessor_config.json': convert_vit.hf_preprocessor_config},
+        v5_renames=convert_vit.V5_MODULE_RENAMES)))
