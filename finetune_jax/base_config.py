@@ -10,6 +10,8 @@ import difflib
 import ml_collections
 from ml_collections import config_dict
 
+from finetune_jax import errors
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -208,8 +210,9 @@ def finish(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.Conf
       name, value = item.split('=', 1)
       _set(c, field_path(c, name.strip()), _literal(value.strip()))
     else:
-      raise ValueError(f'Unknown config argument {item!r}; use smoke or FIELD=VALUE items, '
-                       'comma-separated (e.g. method=lora,smoke).')
+      raise errors.ConfigError(
+          'arg', f'Unknown config argument {item!r}; use smoke or FIELD=VALUE items, '
+          'comma-separated (e.g. method=lora,smoke).')
   return c
 
 
@@ -241,10 +244,11 @@ def field_path(c: ml_collections.ConfigDict, name: str) -> str:
   if len(matches) == 1:
     return matches[0]
   if matches:
-    raise ValueError(f'Config argument {name}=... is ambiguous: it may be {matches}; '
-                     'name the field by its dotted path.')
+    raise errors.ConfigError(name, f'Config argument {name}=... is ambiguous: it may be '
+                             f'{matches}; name the field by its dotted path.')
   close = difflib.get_close_matches(name, leaves + [p.rsplit('.', 1)[-1] for p in leaves], 5)
-  raise ValueError(f'Unknown config argument field {name!r}; nearest fields: {close}.')
+  raise errors.ConfigError(name, f'Unknown config argument field {name!r}; nearest '
+                           f'fields: {close}.')
 
 
 def _leaf_paths(c, prefix: str = '') -> list[str]:
@@ -272,4 +276,4 @@ def _set(c, path: str, value) -> None:
   try:
     c[leaf] = value
   except TypeError as e:
-    raise ValueError(f'Config argument {path}={value!r}: {e}') from None
+    raise errors.ConfigError(path, f'Config argument {path}={value!r}: {e}') from None

@@ -28,6 +28,7 @@ from absl import logging
 import ml_collections
 
 from finetune_jax import checkpoint
+from finetune_jax import cli
 from finetune_jax import train
 from finetune_jax.peft import hf_format
 from finetune_jax.peft import paths
@@ -95,4 +96,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['workdir', 'format', 'out'])
-  app.run(main)
+  cli.run(main)

@@ -12,8 +12,8 @@ from flax import traverse_util
 
 import finetune_jax
 from finetune_jax import models
+from finetune_jax import sampling
 from finetune_jax.convert import llama as convert_llama
-from finetune_jax.convert.hf_dir import CheckpointFileError
 from finetune_jax.models import attention
 from finetune_jax.models import llama
 from finetune_jax.models import tokenization
@@ -332,9 +332,16 @@ def test_bad_checkpoints(hf_dirs, tmp_path):
       {'lm_head.weight': np.ones_like(t['model.embed_tokens.weight'])}))
   with pytest.raises(ValueError, match='lm_head.weight differs'):
     models.load_pretrained(str(path))
+  # Weights load without a tokenizer, as in every family; only text needs one.
+  path = _copy(tied, tmp_path / 'no_tokenizer')
   os.remove(path / 'tokenizer.json')
-  with pytest.raises(CheckpointFileError, match='no tokenizer.json'):
-    models.load_pretrained(str(path))
+  bare, full = models.load_pretrained(str(path)), models.load_pretrained(tied)
+  assert bare.tokenizer is None and full.tokenizer is not None
+  for (p, v), w in zip(traverse_util.flatten_dict(bare.params).items(),
+                       traverse_util.flatten_dict(full.params).values()):
+    np.testing.assert_array_equal(v, w, err_msg=str(p))
+  with pytest.raises(ValueError, match='has no tokenizer'):
+    sampling.generate_text(bare, ['hello'], max_new_tokens=2)
 
   path = _copy(tied, tmp_path / 'd')
   tokenization.byte_level_tokenizer(

@@ -183,3 +183,14 @@ def test_folder_dataset_with_augmentation_trains_end_to_end(tmp_path):
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert results['steps'] == 2
   assert 0.0 <= results['final']['eval_accuracy'] <= 1.0
+
+
+def test_cli_prints_a_user_error_as_one_line(tmp_path):
+  proc = run_cli(tmp_path / 'run', '--config.dataset=fashion_mnits')
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'fashion_mnist' in last and '--verbose' in last
+  assert 'Traceback' not in proc.stderr
+  verbose = run_cli(tmp_path / 'run', '--config.dataset=fashion_mnits', '--verbose')
+  assert verbose.returncode != 0 and 'Traceback' in verbose.stderr
+  assert not (tmp_path / 'run').exists()

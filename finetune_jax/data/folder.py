@@ -47,6 +47,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from finetune_jax import errors
 from finetune_jax.data import builders
 from finetune_jax.data import image_ops
 
@@ -60,7 +61,7 @@ SOURCE_FILE = 'folder_source.json'
 _MAX_LISTED = 20  # bad files named in one message
 
 
-class FolderDatasetError(ValueError):
+class FolderDatasetError(errors.DataError):
   """A problem with the user's folder; the message names it and the fix."""
 
 

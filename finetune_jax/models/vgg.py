@@ -22,7 +22,7 @@ XLA:CPU's convolution is 4-6x slower there.
 """
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -184,16 +184,24 @@ def conv3x3(x: jax.Array, kernel: jax.Array, impl: str = 'auto') -> jax.Array:
   return patches @ kernel.reshape(9 * channels, kernel.shape[-1])
 
 
-class Conv3x3(nn.Module):
-  """Keras' Conv2D(features, 3, padding='same'): params kernel (3, 3, in, out), bias."""
-  features: int
+class Conv3x3(nn.Conv):
+  """Keras' Conv2D(features, 3, padding='same'): params kernel (3, 3, in, out), bias.
+
+  An nn.Conv (3x3, stride 1, SAME) computed by `conv3x3`'s faster forms on
+  CPU; being an nn.Conv, LoRA and IA3 adapt it like any conv.
+  """
+  kernel_size: tuple = (3, 3)
+  padding: str = 'SAME'
+  kernel_init: Callable = _glorot
   impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', _glorot, (3, 3, x.shape[-1], self.features))
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    return conv3x3(x, kernel, self.impl) + bias
+    kernel = self.param('kernel', self.kernel_init, (3, 3, x.shape[-1], self.features))
+    y = conv3x3(x, kernel, self.impl)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,))
+    return y
 
 
 class Head(nn.Module):
@@ -236,7 +244,7 @@ class VGG(nn.Module):
     x = images
     for b, widths in enumerate(self.stages, 1):
       for c, width in enumerate(widths, 1):
-        x = Conv3x3(width, self.conv_impl, name=f'block{b}_conv{c}')(x)
+        x = Conv3x3(width, impl=self.conv_impl, name=f'block{b}_conv{c}')(x)
         x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), (2, 2), padding='VALID')
     if self.include_top:

@@ -71,7 +71,7 @@ def adapt(model, cfg) -> base.Adapted:
   candidates = paths.candidate_modules(flat, head and head + '/')
   what = 'peft.adapter.targets'
   if not targets:
-    if not arch.has(*KIND_ROLES['houlsby']):
+    if not applies(model):
       raise base.not_applicable(
           model, 'adapter', 'transformer blocks with attention and MLP output projections '
           f'({"/".join(architecture.with_roles(*KIND_ROLES["houlsby"]))})',
@@ -93,6 +93,11 @@ def adapt(model, cfg) -> base.Adapted:
   return base.Adapted(intercept.Intercepted(model.module, Hook()),
                       paths.unflatten({**flat, **new}),
                       frozenset(new) | base.head_leaves(model))
+
+
+def applies(model) -> bool:
+  """Whether the model has attention and MLP output projections (roles)."""
+  return architecture.of(model).has(*KIND_ROLES['houlsby'])
 
 
 def _options(cfg) -> tuple[str, int, tuple]:
@@ -130,6 +135,9 @@ class Adapter(method.Method):
 
   def adapt(self, model, cfg) -> base.Adapted:
     return adapt(model, cfg)
+
+  def applies(self, model) -> bool:
+    return applies(model)
 
   def check(self, cfg) -> None:
     _options(cfg)

@@ -11,6 +11,7 @@ from typing import Callable
 
 import flax.linen as nn
 
+from finetune_jax import errors
 from finetune_jax.peft import paths
 
 
@@ -56,11 +57,13 @@ def head_leaves(model) -> frozenset:
                    if is_head(model, p) and not paths.STATISTICS.search(p))
 
 
-def not_applicable(model, method: str, needs: str, fix: str) -> ValueError:
+def not_applicable(model, method: str, needs: str, fix: str) -> errors.NotApplicable:
   """The error for a method the model's architecture cannot take (IA3 on a CNN)."""
   name = '-'.join(str(model.config[k]) for k in ('model', 'variant') if model.config.get(k))
-  return ValueError(f'peft.method={method} does not apply to this model ({name or "?"}): '
-                    f'it needs {needs}, which this model lacks. {fix}')
+  return errors.NotApplicable(
+      method, model.config.get('model'),
+      f'peft.method={method} does not apply to this model ({name or "?"}): it needs '
+      f'{needs}, which this model lacks. {fix}')
 
 
 def reserved_positions(module) -> int:

@@ -10,6 +10,7 @@
 Their params stay the plain model's, so a merged export is the params as they
 are; there is no adapter for the HF PEFT format to hold.
 """
+from finetune_jax import base_config
 from finetune_jax.peft import base
 from finetune_jax.peft import method
 from finetune_jax.peft import paths
@@ -19,16 +20,27 @@ class Freezing(method.Method):
   """A method that adds nothing: it splits the pretrained params."""
   mergeable = True
 
-  def __init__(self, name: str, trains, fields: tuple = ()):
+  def __init__(self, name: str, trains, what: str, fields: tuple = ()):
     self.name, self._trains = name, trains  # trains(model, cfg) -> (path -> bool)
-    self._fields = fields
+    self._what, self._fields = what, fields  # what: what it trains, for messages
 
   @property
   def fields(self) -> tuple:
     return self._fields
 
   def adapt(self, model, cfg) -> base.Adapted:
-    return base.freeze_all_but(model, self._trains(model, cfg))
+    adapted = base.freeze_all_but(model, self._trains(model, cfg))
+    if not adapted.trainable and not self.applies(model):
+      raise base.not_applicable(
+          model, self.name, f'{self._what} to train',
+          'Set --config.num_classes for a classification task (a new head trains), or '
+          'choose another peft.method (lora, full, partial, ...).')
+    return adapted
+
+  def applies(self, model) -> bool:
+    """Whether there is anything for it to train, with its defaults."""
+    defaults = base_config.get_config().peft
+    return bool(base.freeze_all_but(model, self._trains(model, defaults)).trainable)
 
   def merged(self, adapted, params) -> dict:
     return params
@@ -72,7 +84,8 @@ def _unfrozen(model, cfg):
   return lambda path: path not in frozen
 
 
-method.register(Freezing('full', _everything))
-method.register(Freezing('linear_probe', _head))
-method.register(Freezing('bitfit', _head_and_biases))
-method.register(Freezing('partial', _unfrozen, fields=('num_frozen_blocks', 'freeze')))
+method.register(Freezing('full', _everything, 'parameters'))
+method.register(Freezing('linear_probe', _head, 'a new classifier head (num_classes)'))
+method.register(Freezing('bitfit', _head_and_biases, 'bias terms or a new classifier head'))
+method.register(Freezing('partial', _unfrozen, 'blocks left unfrozen',
+                         fields=('num_frozen_blocks', 'freeze')))

@@ -92,7 +92,7 @@ def adapt(model, cfg) -> base.Adapted:
   candidates = paths.candidate_modules(flat, head and head + '/')
   what = 'peft.ia3.targets', 'peft.ia3.feedforward'
   if not targets and not feedforward:
-    if not arch.has(*DEFAULT_ROLES[0], *DEFAULT_ROLES[1]):
+    if not applies(model):
       raise base.not_applicable(
           model, 'ia3', "a transformer's attention key/value projections and MLP "
           f'({"/".join(architecture.with_roles(*DEFAULT_ROLES[0], *DEFAULT_ROLES[1]))})',
@@ -121,6 +121,11 @@ def adapt(model, cfg) -> base.Adapted:
   return base.Adapted(intercept.Intercepted(model.module, hook),
                       paths.unflatten({**flat, **new}),
                       frozenset(new) | base.head_leaves(model))
+
+
+def applies(model) -> bool:
+  """Whether the model has the default roles (k, v and mlp_out)."""
+  return architecture.of(model).has(*DEFAULT_ROLES[0], *DEFAULT_ROLES[1])
 
 
 def _options(cfg) -> tuple[tuple, tuple]:
@@ -333,6 +338,9 @@ class IA3(method.Method):
 
   def adapt(self, model, cfg) -> base.Adapted:
     return adapt(model, cfg)
+
+  def applies(self, model) -> bool:
+    return applies(model)
 
   def check(self, cfg) -> None:
     _options(cfg)

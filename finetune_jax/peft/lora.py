@@ -537,6 +537,9 @@ class LoRA(method.Method):
   def adapt(self, model, cfg) -> base.Adapted:
     return adapt(model, cfg, dora=self.dora)
 
+  def applies(self, model) -> bool:
+    return any(architecture.of(model).has(*roles) for roles in DEFAULT_ROLES)
+
   def check(self, cfg) -> None:
     _options(cfg)
 

@@ -5,6 +5,7 @@ As HF PEFT registers a (config, tuner) pair, each method's file defines a
 sampling, hf_format) ask the method and never test which one it is:
 
   adapt(model, cfg)           the `Adapted` model (cfg: the `peft` section)
+  applies(model)              whether its defaults fit the model (its roles, its head)
   check(cfg)                  its own config section, validated on its own
   merged(adapted, params)     plain model params with what it learned folded in
   to_peft / from_peft         its Hugging Face PEFT tensors and config, both ways
@@ -28,6 +29,11 @@ class Method:
 
   def adapt(self, model, cfg) -> base.Adapted:
     raise NotImplementedError
+
+  def applies(self, model) -> bool:
+    """Whether the method, with its defaults, applies to `model` (else `adapt` raises
+    errors.NotApplicable)."""
+    return True
 
   def check(self, cfg) -> None:
     """Raises for a bad option in the method's own section (default: none to check)."""

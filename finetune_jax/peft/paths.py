@@ -12,6 +12,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from flax import traverse_util
 
+from finetune_jax import errors
+
 # Normalisation statistics are stored as params so that
 # `module.apply({'params': p}, x)` works, but they are never trained.
 STATISTICS = re.compile(r'(^|/)(mean|var)$')
@@ -42,9 +44,10 @@ def match(patterns: Iterable[str], paths: Sequence[str], what: str) -> set:
       raise ValueError(f'{what}: {pattern!r} is not a valid regex ({e}).') from None
     hits = {p for p in paths if regex.search(p)}
     if not hits:
-      raise ValueError(
-          f'{what}: pattern {pattern!r} matches no parameter. Nearest parameter '
-          f'paths: {nearest(pattern, paths)}. Fix the pattern in the config.')
+      close = nearest(pattern, paths)
+      raise errors.NoMatch(
+          what, pattern, close, f'{what}: pattern {pattern!r} matches no parameter. '
+          f'Nearest parameter paths: {close}. Fix the pattern in the config.')
     matched |= hits
   return matched
 
@@ -104,7 +107,7 @@ def select_modules(targets, candidates, what: str, option: str, method: str,
     try:
       pattern = architecture.pattern(target) if architecture else target
     except ValueError as e:
-      raise ValueError(f'{what}: {e}') from None
+      raise errors.ConfigError(option, f'{what}: {e}') from None
     try:
       regex = re.compile(pattern)
     except re.error as e:
@@ -116,7 +119,8 @@ def select_modules(targets, candidates, what: str, option: str, method: str,
   if unmatched:
     close = {p: nearest(p, candidates, n=5) for p in unmatched}
     head_note = f" The head '{head}/' trains in full and takes no {method}." if head else ''
-    raise ValueError(
+    raise errors.NoMatch(
+        option, unmatched, close,
         f'{what}: {unmatched} match no nn.Dense/nn.Conv module. Patterns are re.search-ed '
         f"over module paths (a param path without its leaf, e.g. {candidates[0]!r}). "
         f'Nearest module paths: {close}. All {len(candidates)} candidate modules '

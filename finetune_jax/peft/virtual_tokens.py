@@ -169,6 +169,9 @@ class VirtualTokensMethod(method.Method):
   """What prompt and prefix tuning share as methods; subclasses define `adapt`,
   `peft_rows` (rows and config fields), `peft_widths` and `params_from_rows`."""
 
+  def applies(self, model) -> bool:
+    return architecture.of(model).has('embed')
+
   def check(self, cfg) -> None:
     self.options(cfg)
 

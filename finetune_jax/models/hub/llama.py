@@ -36,7 +36,8 @@ _OPTIONS = ('attention_dropout', 'max_position_embeddings')
 
 
 def _pretrained(config, params, tokenizer, source) -> registry.Pretrained:
-  tokenization.check_vocab(tokenizer, config['vocab_size'], source)
+  if tokenizer is not None:
+    tokenization.check_vocab(tokenizer, config['vocab_size'], source)
   return registry.Pretrained(
       module=llama.build(config), params=params, config=config, preprocess=None,
       head='lm_head', blocks=llama.block_names(config), tokenizer=tokenizer)
@@ -98,12 +99,11 @@ def _from_checkpoint(hf_config: dict, tensors: dict, tokenizer, *, source, num_c
   return _pretrained(config, params, tokenizer, source)
 
 
-def read_tokenizer_json(model_dir: str) -> tokenizers.Tokenizer:
+def read_tokenizer_json(model_dir: str) -> tokenizers.Tokenizer | None:
+  """The dir's tokenizer.json, or None without one (only tasks on text need it)."""
   path = os.path.join(model_dir, 'tokenizer.json')
   if not os.path.exists(path):
-    raise hf_dir.CheckpointFileError(
-        f'{model_dir} has no tokenizer.json. Save the model\'s fast tokenizer next '
-        'to it: AutoTokenizer.from_pretrained(<model>).save_pretrained(dir).')
+    return None
   try:
     return tokenizers.Tokenizer.from_file(path)
   except Exception as e:  # tokenizers raises a bare Exception on bad JSON
