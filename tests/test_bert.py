@@ -12,7 +12,7 @@ from flax import traverse_util
 
 from finetune_jax import models
 from finetune_jax.convert import bert as convert_bert
-from finetune_jax.convert.hf_dir import CheckpointFileError
+from finetune_jax.formats.hf_dir import CheckpointFileError
 from finetune_jax.models import bert
 from finetune_jax.models.hub import bert as hub_bert
 

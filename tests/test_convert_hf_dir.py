@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from finetune_jax.convert import hf_dir
+from finetune_jax.formats import hf_dir
 
 
 def write_dir(path, shards):

@@ -16,7 +16,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from finetune_jax.convert import gguf as gguf_convert
-from finetune_jax.convert.hf_dir import CheckpointFileError
+from finetune_jax.formats.hf_dir import CheckpointFileError
 from finetune_jax.models import tokenization
 
 LAYERS, D, FF, HEADS, KV_HEADS, DH = 2, 64, 96, 4, 2, 16

@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from finetune_jax.convert import keras_h5
-from finetune_jax.convert.hf_dir import CheckpointFileError
+from finetune_jax.formats import keras_h5
+from finetune_jax.formats.hf_dir import CheckpointFileError
 
 keras = pytest.importorskip('keras')
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')  # inside keras

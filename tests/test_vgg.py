@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from finetune_jax import models
-from finetune_jax.convert import keras_h5
+from finetune_jax.formats import keras_h5
 from finetune_jax.convert import vgg as convert_vgg
-from finetune_jax.convert.hf_dir import CheckpointFileError
+from finetune_jax.formats.hf_dir import CheckpointFileError
 from finetune_jax.models import loading
 from finetune_jax.models import vgg
 from finetune_jax.models.hub import vgg as hub_vgg

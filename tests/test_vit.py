@@ -12,7 +12,7 @@ from flax import traverse_util
 from finetune_jax import models
 from hf_files import copy_hf_dir
 from finetune_jax.convert import vit as convert_vit
-from finetune_jax.convert.hf_dir import CheckpointFileError
+from finetune_jax.formats.hf_dir import CheckpointFileError
 from finetune_jax.models import vit
 from finetune_jax.models.hub import vit as hub_vit
 

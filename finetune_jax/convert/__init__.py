@@ -1,8 +1,3 @@
-"""Checkpoint readers: foreign formats in, numpy arrays / param trees out.
-
-Loading never executes a pickle from a checkpoint file.
+"""Per-architecture key maps: a checkpoint's names <-> our param paths, both
+ways, and Llama's GGUF layout. The file formats themselves are `formats/`'s.
 """
-from finetune_jax.convert.torch_state_dict import CheckpointFormatError
-from finetune_jax.convert.torch_state_dict import load_torch_state_dict
-from finetune_jax.convert.torch_state_dict import read_torch_checkpoint
-from finetune_jax.convert.torch_state_dict import UnsafeCheckpointError

@@ -19,7 +19,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
-from finetune_jax.convert import mapping
+from finetune_jax.formats import mapping
 from finetune_jax.models import bert
 
 # (HF module, our module, layout); '{i}' is the layer index.

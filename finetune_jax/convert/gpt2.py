@@ -15,7 +15,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
-from finetune_jax.convert import mapping
+from finetune_jax.formats import mapping
 
 _PREFIX = 'transformer.'
 _MODULES = (  # (HF module, ours, layout)

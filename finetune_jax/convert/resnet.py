@@ -29,7 +29,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
-from finetune_jax.convert import mapping
+from finetune_jax.formats import mapping
 from finetune_jax.models import resnet
 
 _BN = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}

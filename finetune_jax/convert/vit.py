@@ -30,8 +30,8 @@ import zlib
 import numpy as np
 from flax import traverse_util
 
-from finetune_jax.convert import mapping
-from finetune_jax.convert.hf_dir import CheckpointFileError
+from finetune_jax.formats import mapping
+from finetune_jax.formats.hf_dir import CheckpointFileError
 from finetune_jax.models import vit
 
 # ------------------------------------------------------------------ HF

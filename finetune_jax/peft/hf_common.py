@@ -14,7 +14,7 @@ import re
 import numpy as np
 import safetensors.numpy
 
-from finetune_jax.convert import hf_dir
+from finetune_jax.formats import hf_dir
 from finetune_jax.peft import hf_names
 from finetune_jax.peft import paths
 

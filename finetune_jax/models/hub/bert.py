@@ -27,7 +27,7 @@ from tokenizers import pre_tokenizers
 from tokenizers import processors
 
 from finetune_jax.convert import bert as convert_bert
-from finetune_jax.convert import hf_dir
+from finetune_jax.formats import hf_dir
 from finetune_jax.models import architecture
 from finetune_jax.models import bert
 from finetune_jax.models import loading

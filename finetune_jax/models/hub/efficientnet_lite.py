@@ -2,7 +2,7 @@
 import functools
 
 from finetune_jax.convert import efficientnet_lite as convert_lite
-from finetune_jax.convert.torch_state_dict import load_torch_state_dict
+from finetune_jax.formats.torch_state_dict import load_torch_state_dict
 from finetune_jax.models import architecture
 from finetune_jax.models import efficientnet_lite
 from finetune_jax.models import loading

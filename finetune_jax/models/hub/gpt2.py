@@ -15,7 +15,7 @@ from tokenizers import models as tokenizer_models
 from tokenizers import pre_tokenizers
 
 from finetune_jax.convert import gpt2 as convert_gpt2
-from finetune_jax.convert import hf_dir
+from finetune_jax.formats import hf_dir
 from finetune_jax.models import architecture
 from finetune_jax.models import gpt2
 from finetune_jax.models import loading

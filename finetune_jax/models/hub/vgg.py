@@ -13,7 +13,7 @@ import functools
 import importlib.util
 import os
 
-from finetune_jax.convert import keras_h5
+from finetune_jax.formats import keras_h5
 from finetune_jax.convert import vgg as convert_vgg
 from finetune_jax.models import loading
 from finetune_jax.models import registry

@@ -45,7 +45,7 @@ import h5py
 import ml_dtypes
 import numpy as np
 
-from finetune_jax.convert.hf_dir import CheckpointFileError
+from finetune_jax.formats.hf_dir import CheckpointFileError
 
 # Keras 3 layer class (snake case, as Keras names groups) -> its variables in
 # saved order, and how many leading ones are required (bias is optional).
