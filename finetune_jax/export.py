@@ -65,7 +65,7 @@ def restore(workdir: str, config, step: int | None = None):
     state = ckpt.restore(like, step)
   finally:
     ckpt.close()
-  return model, adapted, paths.merge(state['trainable'], frozen), int(state['step'])
+  return model, adapted, paths.join(state['trainable'], frozen), int(state['step'])
 
 
 def export(workdir: str, fmt: str, out: str, step: int | None = None) -> str:

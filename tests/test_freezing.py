@@ -42,7 +42,7 @@ def run_steps(config, num_steps=3):
       tasks.ImageClassification(3), tx, axis_name=None))
   for i in range(num_steps):
     state, _ = step(state, frozen, batch(i))
-  return model, adapted, paths.merge(state['trainable'], frozen), state
+  return model, adapted, paths.join(state['trainable'], frozen), state
 
 
 EXPECTED_TRAINABLE = {

@@ -3,10 +3,10 @@ import jax
 import numpy as np
 import pytest
 
-from finetune_jax import sampling
-from finetune_jax import models
 from finetune_jax import generate
 from finetune_jax import generate_text
+from finetune_jax import models
+from finetune_jax import sampling
 
 # 2 blocks, width 32, 300 tokens, context 32; EOS 299.
 HF_SMALL = dict(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=4,

@@ -105,7 +105,7 @@ def test_training_moves_only_the_new_params_and_head(zoo, case):
   state, frozen, losses = _train(model, adapted, task(), make_batch(model), 6, lr=lr)
   assert losses[-1] < losses[0] - 0.05, losses  # the same small real batch each step
   before = paths.flatten(adapted.params)
-  after = paths.flatten(paths.merge(state['trainable'], frozen))
+  after = paths.flatten(paths.join(state['trainable'], frozen))
   head = ({p for p in before if p.startswith(model.head + '/')}
           if model.config.get('num_classes') else set())
   assert adapted.trainable == {p for p in before if is_new(p)} | head

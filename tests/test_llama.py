@@ -17,7 +17,7 @@ from finetune_jax.convert import llama as convert_llama
 from finetune_jax.models import attention
 from finetune_jax.models import llama
 from finetune_jax.models import tokenization
-from finetune_jax.models.hub import llama as hub_llama
+from finetune_jax.models.zoo import llama as zoo_llama
 
 # Small HF configs: GQA (4 heads, 2 kv heads), vocab 260 > the byte-level
 # tokenizer's 257 ids. The untied one also has biases, its own head_dim and rope_theta.
@@ -161,9 +161,9 @@ def test_bad_calls_and_options():
   with pytest.raises(ValueError, match='no classifier, so num_classes=3'):
     models.load_pretrained('llama-tiny', num_classes=3)
   with pytest.raises(ValueError, match="Unknown options \\['pooling'\\]"):
-    hub_llama.load_random(None, variant='tiny', num_classes=None, dont_load=(), seed=0,
+    zoo_llama.load_random(None, variant='tiny', num_classes=None, dont_load=(), seed=0,
                           pooling='mean')
-  model = hub_llama.load_random(None, variant='tiny', num_classes=None, dont_load=(), seed=0,
+  model = zoo_llama.load_random(None, variant='tiny', num_classes=None, dont_load=(), seed=0,
                                 max_position_embeddings=8, attention_dropout=0.1)
   assert model.config['max_position_embeddings'] == 8
   with pytest.raises(ValueError, match='longer than the model\'s context.*Truncate'):
@@ -174,7 +174,7 @@ def test_bad_calls_and_options():
 
 
 def test_train_mode_is_attention_dropout_only():
-  model = hub_llama.load_random(None, variant='tiny', num_classes=None, dont_load=(), seed=0,
+  model = zoo_llama.load_random(None, variant='tiny', num_classes=None, dont_load=(), seed=0,
                                 attention_dropout=0.5)
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 6)), jnp.int32)
   apply = jax.jit(lambda train, seed: model.module.apply(

@@ -188,7 +188,7 @@ def test_zero_b_is_the_base_model_and_merge_matches(zoo, alias, rank):
     error = np.abs(output(base_fn({'params': merged}, *args)) - unmerged).max()
     assert error <= 1e-5 * max(1.0, np.abs(unmerged).max()), (method, error)
     # unmerge recovers W (and the adapter leaves), from the merged kernels.
-    back = paths.flatten(lora.unmerge(adapted.module, merged, lora.adapter_params(trained),
+    back = paths.flatten(lora.unmerge(adapted.module, merged, lora.lora_params(trained),
                                       norms))
     for p, v in paths.flatten(trained).items():
       np.testing.assert_allclose(back[p], v, rtol=0, atol=2e-6, err_msg=p)
@@ -234,7 +234,7 @@ def test_training_moves_only_lora_and_head_and_lowers_the_loss(zoo, alias):
   state, frozen, losses = _train(model, adapted, task(model), make_batch(model), 8)
   assert losses[-1] < losses[0] - 0.05, losses  # the same small real batch each step
   before, after = paths.flatten(adapted.params), paths.flatten(
-      paths.merge(state['trainable'], frozen))
+      paths.join(state['trainable'], frozen))
   lora_leaves = {p for p in before if p.rsplit('/', 1)[-1] in lora.LEAVES}
   head = {p for p in before if p.startswith(model.head + '/')} if alias != 'gpt2-tiny' else set()
   assert adapted.trainable == lora_leaves | head
@@ -258,7 +258,7 @@ def _loss(model, adapted, task, batch):
   trainable, frozen = paths.split(adapted.params, adapted.trainable)
 
   def loss(trainable):
-    out = adapted.module.apply({'params': paths.merge(trainable, frozen)},
+    out = adapted.module.apply({'params': paths.join(trainable, frozen)},
                                *inputs_for(model)(batch), train=True,
                                rngs={'dropout': jax.random.PRNGKey(0)})
     return task.loss_and_metrics(out, batch)[0]

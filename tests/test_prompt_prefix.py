@@ -177,7 +177,7 @@ def test_training_moves_only_the_virtual_tokens_and_head(zoo, hf_zoo, case):
   state, frozen, losses = _train(model, adapted, task(), batch, 6, lr=lr)
   assert losses[-1] < losses[0] - 0.05, losses  # the same small real batch each step
   before = paths.flatten(adapted.params)
-  after = paths.flatten(paths.merge(state['trainable'], frozen))
+  after = paths.flatten(paths.join(state['trainable'], frozen))
   head = {p for p in before if p.startswith('head/')} if alias == 'bert-tiny' else set()
   own = {p for p in before if p.startswith((prompt_tuning.KEY, prefix_tuning.KEY + '/'))}
   assert own and adapted.trainable == own | head

@@ -15,7 +15,7 @@ from flax import traverse_util  # noqa: E402
 from finetune_jax import models  # noqa: E402
 from finetune_jax.convert import resnet as convert_resnet  # noqa: E402
 from finetune_jax.models import resnet  # noqa: E402
-from finetune_jax.models.hub import resnet as hub_resnet  # noqa: E402
+from finetune_jax.models.zoo import resnet as zoo_resnet  # noqa: E402
 
 
 def _flat(params):
@@ -180,7 +180,7 @@ def test_parameter_counts_match_torchvision(variant, expected):
 
 
 def test_keras_resnet50_count_and_torchvision_key_counts():
-  keras_config = resnet.make_config('resnet50', **hub_resnet.KERAS_OVERRIDES)
+  keras_config = resnet.make_config('resnet50', **zoo_resnet.KERAS_OVERRIDES)
   shapes = _shapes(keras_config)
   total = sum(np.prod(s) for s in shapes.values())
   assert total == 25_636_712  # keras ResNet50().count_params(): conv biases + BN stats
@@ -333,7 +333,7 @@ def test_bad_torch_checkpoints_fail_loudly(resnet18_file, tmp_path):
     models.load_pretrained(save(sd, 'resnet50-19c8e357.pth'))
   for variant, message in (('resnet34', 'expected a resnet34'), ('resnet26', 'is not one of')):
     with pytest.raises(ValueError, match=message):
-      hub_resnet.load_state_dict(save(sd), variant=variant, num_classes=None,
+      zoo_resnet.load_state_dict(save(sd), variant=variant, num_classes=None,
                                  dont_load=(), seed=0)
   deep_stem = {'conv1.0.weight': torch.zeros(32, 3, 3, 3), **sd}
   with pytest.raises(ValueError, match='deep 3x3 stem'):
@@ -382,7 +382,7 @@ def test_hf_resnet50_layout_and_bad_dirs(tmp_path):
   hf_config = ResNetConfig()  # microsoft/resnet-50's architecture
   with torch.device('meta'):
     ref = ResNetForImageClassification(hf_config)
-  config = hub_resnet._hf_to_config(hf_config.to_dict(), 'hf')
+  config = zoo_resnet._hf_to_config(hf_config.to_dict(), 'hf')
   assert config['variant'] == 'resnet50' and not config['stride_in_1x1']
   mapped = {}
   for key, value in convert_resnet.strip_hf_prefix(ref.state_dict()).items():

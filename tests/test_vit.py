@@ -14,7 +14,7 @@ from hf_files import copy_hf_dir
 from finetune_jax.convert import vit as convert_vit
 from finetune_jax.formats.hf_dir import CheckpointFileError
 from finetune_jax.models import vit
-from finetune_jax.models.hub import vit as hub_vit
+from finetune_jax.models.zoo import vit as zoo_vit
 
 # A small HF config: 2 blocks, width 32, 4 heads, patch 8 at 32 px (4x4 grid).
 HF_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -30,8 +30,8 @@ def _count(params):
 
 
 def _load(path, **kw):
-  """A hub loader called directly, so that `image_size` can be given."""
-  loader = hub_vit.load_npz if str(path).endswith('.npz') else hub_vit.load_hf_dir
+  """A zoo loader called directly, so that `image_size` can be given."""
+  loader = zoo_vit.load_npz if str(path).endswith('.npz') else zoo_vit.load_hf_dir
   return loader(str(path), **{'num_classes': None, 'dont_load': (), 'seed': 0, **kw})
 
 
@@ -308,7 +308,7 @@ def test_resized_model_runs_at_the_new_resolution(ours, hf_classifier):
   assert out['logits'].shape == (2, 3) and np.all(np.isfinite(out['features']))
   same = _load(hf_classifier[0], image_size=32)
   np.testing.assert_array_equal(same.params['pos_embedding'], old)
-  random_at_48 = hub_vit.load_random(None, variant='ti16', num_classes=2, dont_load=(),
+  random_at_48 = zoo_vit.load_random(None, variant='ti16', num_classes=2, dont_load=(),
                                      seed=0, image_size=48)
   assert random_at_48.params['pos_embedding'].shape == (1, 10, 192)
   with pytest.raises(ValueError, match='multiple of the patch size 8'):

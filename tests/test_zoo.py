@@ -104,7 +104,7 @@ def test_pair(zoo, arch, method, tmp_path):
   assert after.keys() == adapted.trainable
   assert any(not np.array_equal(before[p], after[p]) for p in before)
   assert optim.state_bytes(new_state['opt_state']) <= 2 * 4 * paths.count(trainable) + 64
-  trained = paths.merge(new_state['trainable'], frozen)
+  trained = paths.join(new_state['trainable'], frozen)
 
   hf = architecture.of(model).hf
   if hf is None:

@@ -369,14 +369,14 @@ def architecture_from_shapes(flat: dict, *, num_heads: int | None = None,
       raise ValueError(
           f'{source}: width {width} is not a standard ViT width '
           f'{sorted(vit.STANDARD_WIDTHS)}, so its number of attention heads is '
-          'unknown; pass num_heads= to the loader (models.hub.vit.load_npz).')
+          'unknown; pass num_heads= to the loader (models.zoo.vit.load_npz).')
     std_depth, std_mlp, num_heads = vit.STANDARD_WIDTHS[width]
     if (depth, mlp_dim) != (std_depth, std_mlp):
       raise ValueError(
           f'{source}: width {width} has {std_depth} blocks of MLP size {std_mlp} in '
           f'the standard ViTs, but this file has {depth} blocks of MLP size {mlp_dim} '
           f'(blocks found: {sorted(blocks)}). A block may be missing; for a '
-          'non-standard model pass num_heads= to the loader (models.hub.vit.load_npz).')
+          'non-standard model pass num_heads= to the loader (models.zoo.vit.load_npz).')
   arch['num_heads'] = num_heads
   return arch
 

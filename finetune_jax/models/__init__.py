@@ -6,14 +6,14 @@
 
 A new `num_classes` replaces the classifier by a zero-initialised one (the
 pretrained head is dropped through dont_load '^head/'). Architectures plug in
-through `models/hub/<arch>.py` (see registry.py).
+through `models/zoo/<arch>.py` (see registry.py).
 """
-from finetune_jax.models import hub  # noqa: F401  (registers the zoo)
+from finetune_jax.models import zoo  # noqa: F401  (registers the zoo)
 from finetune_jax.models.loading import merge_pretrained
-from finetune_jax.models.registry import Pretrained
 from finetune_jax.models.registry import describe_aliases
 from finetune_jax.models.registry import list_aliases
 from finetune_jax.models.registry import load_pretrained
+from finetune_jax.models.registry import Pretrained
 
 __all__ = ['Pretrained', 'load_pretrained', 'list_aliases', 'describe_aliases',
            'merge_pretrained']

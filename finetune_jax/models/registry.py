@@ -1,6 +1,6 @@
 """Pretrained models by alias or checkpoint path, behind one small interface.
 
-Each architecture registers, in its `models/hub/<arch>.py`, the aliases it
+Each architecture registers, in its `models/zoo/<arch>.py`, the aliases it
 serves and a loader for the checkpoint formats it reads. `load_pretrained`
 dispatches a name to an alias, or a path to the first loader that claims it.
 """

@@ -66,7 +66,7 @@ def differs(path: str, theirs: str, ours: str, fix: str) -> ValueError:
   return ValueError(f'adapter dir {path} {theirs}; this run {ours}. {fix}')
 
 
-def fold(names) -> list:
+def collapse_digits(names) -> list:
   """Module names with layer numbers folded ('layer.*.attention'), for messages."""
   return sorted({re.sub(r'(?<=[._])\d+(?=[./]|$)', '*', n) for n in names})
 
@@ -84,9 +84,9 @@ def our_modules(path, cfg, model, flat: dict, names, what: str) -> dict:
   unknown = sorted(n for n in names if n not in inverse)
   if unknown:
     own = hf_names.module_names(model, flat, hf_names.model_modules(model)).values()
-    raise mismatch(path, f'{what} modules are {fold(names)}',
+    raise mismatch(path, f'{what} modules are {collapse_digits(names)}',
                    f'({model.config["model"]}) has no module {unknown[0]!r}; its modules are '
-                   f'{fold(own)}', base_model_fix(cfg))
+                   f'{collapse_digits(own)}', base_model_fix(cfg))
   return {n: inverse[n] for n in names}
 
 

@@ -153,7 +153,7 @@ def _hook(module) -> Hook:
   return hook
 
 
-def adapter_params(params) -> dict:
+def vectors(params) -> dict:
   """Only the IA3 vectors: what an adapter file holds."""
   return paths.unflatten({p: v for p, v in paths.flatten(params).items()
                           if p.rsplit('/', 1)[-1] in LEAVES})
@@ -264,9 +264,9 @@ def load(adapted, model, path, cfg):
     candidates = paths.candidate_modules(flat, head)
     differ = sorted((scaled_out ^ mine_out) | (scaled_in ^ mine_in))
     raise hf_common.differs(
-        path, f'scales the outputs of {hf_common.fold(scaled_out)} and the inputs of '
-        f'{hf_common.fold(scaled_in)}', f'scales the outputs of {hf_common.fold(mine_out)} '
-        f'(peft.ia3.targets) and the inputs of {hf_common.fold(mine_in)} '
+        path, f'scales the outputs of {hf_common.collapse_digits(scaled_out)} and the inputs of '
+        f'{hf_common.collapse_digits(scaled_in)}', f'scales the outputs of {hf_common.collapse_digits(mine_out)} '
+        f'(peft.ia3.targets) and the inputs of {hf_common.collapse_digits(mine_in)} '
         f'(peft.ia3.feedforward), unlike the adapter at {differ[:3]}',
         f'Set --config.peft.ia3.targets="{_regexes_for(scaled_out, candidates)}" and '
         f'--config.peft.ia3.feedforward="{_regexes_for(scaled_in, candidates)}" '

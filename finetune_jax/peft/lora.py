@@ -160,7 +160,7 @@ def adapt(model, cfg, dora: bool = False) -> base.Adapted:
           f'peft.lora.targets is empty and {arch.name} has none of the default roles '
           f'{DEFAULT_ROLES}. Set --config.peft.lora.targets, e.g. '
           f'{paths.example_patterns(candidates)}; the Dense/Conv modules are '
-          f'{paths.fold_digits(candidates)}.')
+          f'{paths.collapse_digits(candidates)}.')
     what = f'the default peft.lora.targets {targets} of {arch.name}'
   targets = select(targets, candidates, what, head=model.head if head_trains else None,
                    arch=arch)
@@ -278,7 +278,7 @@ def adapted_modules(flat: dict) -> list[str]:
   return sorted(p[:-len('/' + A)] for p in flat if p.endswith('/' + A))
 
 
-def adapter_params(params) -> dict:
+def lora_params(params) -> dict:
   """Only the LoRA/DoRA leaves: what an adapter file holds."""
   return paths.unflatten({p: v for p, v in paths.flatten(params).items()
                           if p.rsplit('/', 1)[-1] in LEAVES})
@@ -310,7 +310,7 @@ def merge(module, params, *, return_norms: bool = False):
 def unmerge(module, merged, adapter, norms: dict | None = None) -> dict:
   """The adapted params again: kernels from `merge` minus the updates, plus `adapter`.
 
-  adapter: any tree holding the LoRA leaves (e.g. `adapter_params(params)`).
+  adapter: any tree holding the LoRA leaves (e.g. `lora_params(params)`).
   norms: DoRA only, the second result of `merge(..., return_norms=True)`.
   """
   hook = _hook(module)
@@ -496,8 +496,8 @@ def _check_targets(path, theirs: dict, mine: list) -> None:
   missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
   if missing or extra:
     raise hf_common.differs(
-        path, f'adapts {hf_common.fold(theirs)}',
-        f'adapts {hf_common.fold(mine)} (peft.lora.targets)'
+        path, f'adapts {hf_common.collapse_digits(theirs)}',
+        f'adapts {hf_common.collapse_digits(mine)} (peft.lora.targets)'
         + (f'; the adapter lacks {missing[:3]}' if missing else '')
         + (f'; this run leaves out {extra[:3]}' if extra else ''),
         f'Set --config.peft.lora.targets="{_targets_hint(set(theirs))}" (regexes over our '

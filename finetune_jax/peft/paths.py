@@ -63,7 +63,7 @@ def split(params: Mapping, trainable: set) -> tuple[dict, dict]:
   return unflatten(train), unflatten(frozen)
 
 
-def merge(trainable: Mapping, frozen: Mapping) -> dict:
+def join(trainable: Mapping, frozen: Mapping) -> dict:
   """The inverse of `split`. Pure pytree restructuring: free inside jit."""
   return unflatten({**flatten(frozen), **flatten(trainable)})
 
@@ -79,7 +79,7 @@ def candidate_modules(flat: Mapping, skip: str | None = None) -> list[str]:
                 and not (skip and p.startswith(skip)))
 
 
-def fold_digits(candidates) -> list[str]:
+def collapse_digits(candidates) -> list[str]:
   """The paths with layer numbers folded, 'layer_*/attention/self/query': short lists."""
   return sorted({re.sub(r'\d+', '*', p) for p in candidates})
 
@@ -124,6 +124,6 @@ def select_modules(targets, candidates, what: str, option: str, method: str,
         f'{what}: {unmatched} match no nn.Dense/nn.Conv module. Patterns are re.search-ed '
         f"over module paths (a param path without its leaf, e.g. {candidates[0]!r}). "
         f'Nearest module paths: {close}. All {len(candidates)} candidate modules '
-        f'(digits folded to *): {fold_digits(candidates)}.{head_note} Fix the patterns, '
+        f'(digits folded to *): {collapse_digits(candidates)}.{head_note} Fix the patterns, '
         f'e.g. --config.{option}="{example_patterns(candidates)}".')
   return matched

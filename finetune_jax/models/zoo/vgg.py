@@ -13,11 +13,11 @@ import functools
 import importlib.util
 import os
 
-from finetune_jax.formats import keras_h5
 from finetune_jax.convert import vgg as convert_vgg
+from finetune_jax.formats import keras_h5
+from finetune_jax.models import architecture
 from finetune_jax.models import loading
 from finetune_jax.models import registry
-from finetune_jax.models import architecture
 from finetune_jax.models import vgg
 
 SEED_HEAD = dict(head_hidden=(256,), head_dropout=0.5)

@@ -21,8 +21,8 @@ import numpy as np
 import tokenizers
 from flax import traverse_util
 
-from finetune_jax.formats import hf_dir
 from finetune_jax.convert import llama as convert_llama
+from finetune_jax.formats import hf_dir
 from finetune_jax.models import architecture
 from finetune_jax.models import llama
 from finetune_jax.models import loading

@@ -12,11 +12,11 @@ import zipfile
 
 from flax import traverse_util
 
-from finetune_jax.formats import hf_dir
 from finetune_jax.convert import vit as convert_vit
+from finetune_jax.formats import hf_dir
+from finetune_jax.models import architecture
 from finetune_jax.models import loading
 from finetune_jax.models import registry
-from finetune_jax.models import architecture
 from finetune_jax.models import vit
 
 

@@ -12,13 +12,13 @@ The depth is read from the checkpoint's keys; a name that says otherwise
 import functools
 import re
 
+from finetune_jax.convert import resnet as convert_resnet
 from finetune_jax.formats import hf_dir
 from finetune_jax.formats import keras_h5
-from finetune_jax.convert import resnet as convert_resnet
 from finetune_jax.formats.torch_state_dict import load_torch_state_dict
+from finetune_jax.models import architecture
 from finetune_jax.models import loading
 from finetune_jax.models import registry
-from finetune_jax.models import architecture
 from finetune_jax.models import resnet
 
 # keras.applications ResNet v1: stride in the first 1x1 conv, conv biases,
