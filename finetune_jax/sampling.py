@@ -4,7 +4,7 @@
                     max_new_tokens=32, temperature=0.8, top_p=0.95, rng=key)
   texts = generate_text(load_pretrained('gpt2-tiny'), ['Hello'], max_new_tokens=8)
 
-Works for any decoder with the contract of models/gpt2.py (positions, cache,
+Works for any decoder with the contract of models/gpt2/model.py (positions, cache,
 attention_mask over the cache slots) and a config with num_layers,
 num_kv_heads, head_dim, max_position_embeddings and eos_token_id.
 

@@ -11,10 +11,10 @@ import safetensors.numpy
 from flax import traverse_util
 
 from finetune_jax import models
-from finetune_jax.convert import bert as convert_bert
 from finetune_jax.formats.hf_dir import CheckpointFileError
-from finetune_jax.models import bert
-from finetune_jax.models.zoo import bert as zoo_bert
+from finetune_jax.models import bert as zoo_bert
+from finetune_jax.models.bert import convert as convert_bert
+from finetune_jax.models.bert import model as bert
 
 # A small HF config: 2 layers, width 32, 4 heads; odd sizes so transposes show.
 HF_SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from finetune_jax.formats import CheckpointFormatError
-from finetune_jax.convert import efficientnet_lite as convert_lite
 from finetune_jax.formats import load_torch_state_dict
 from finetune_jax.formats import read_torch_checkpoint
 from finetune_jax.formats import UnsafeCheckpointError
+from finetune_jax.models.efficientnet_lite import convert as convert_lite
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:

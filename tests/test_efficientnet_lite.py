@@ -10,9 +10,9 @@ import torch
 from flax import traverse_util
 
 from finetune_jax import models
-from finetune_jax.convert import efficientnet_lite as convert_lite
-from finetune_jax.models import efficientnet_lite
-from finetune_jax.models import merge_pretrained
+from finetune_jax.models import load_into
+from finetune_jax.models.efficientnet_lite import convert as convert_lite
+from finetune_jax.models.efficientnet_lite import model as efficientnet_lite
 
 
 def _flat(params):
@@ -237,17 +237,17 @@ def test_unknown_alias_lists_the_known_ones():
 # ------------------------------------------------------------------ merging
 
 
-def test_merge_pretrained_errors_name_the_problem():
+def test_load_into_errors_name_the_problem():
   init = {'a': {'kernel': jnp.zeros((2, 3))}, 'head': {'bias': jnp.zeros(4)}}
   loaded = {'a': {'kernel': np.ones((2, 3))}, 'head': {'bias': np.ones(5)}}
   with pytest.raises(ValueError, match=r"head/bias: \(5,\) in ckpt.pth vs \(4,\)"):
-    merge_pretrained(init, loaded, source='ckpt.pth')
-  merged = merge_pretrained(init, loaded, dont_load=['^head/'], source='ckpt.pth')
+    load_into(init, loaded, source='ckpt.pth')
+  merged = load_into(init, loaded, dont_load=['^head/'], source='ckpt.pth')
   np.testing.assert_array_equal(merged['a']['kernel'], np.ones((2, 3)))
   np.testing.assert_array_equal(merged['head']['bias'], np.zeros(4))
   with pytest.raises(ValueError, match=r"does not: \['extra/w'\]"):
-    merge_pretrained(init, {**loaded, 'extra': {'w': np.ones(1)}}, ['^head/'])
+    load_into(init, {**loaded, 'extra': {'w': np.ones(1)}}, ['^head/'])
   with pytest.raises(ValueError, match=r"lacks 1 parameters of the model: \['a/kernel'\]"):
-    merge_pretrained(init, {'head': loaded['head']}, ['^head/'])
+    load_into(init, {'head': loaded['head']}, ['^head/'])
   with pytest.raises(ValueError, match='matches no parameter'):
-    merge_pretrained(init, loaded, ['^nothing/'])
+    load_into(init, loaded, ['^nothing/'])

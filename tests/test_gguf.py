@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from finetune_jax.convert import gguf as gguf_convert
+from finetune_jax.formats import gguf as gguf_format
 from finetune_jax.formats.hf_dir import CheckpointFileError
 from finetune_jax.models import tokenization
+from finetune_jax.models.llama import gguf as gguf_convert
 
 LAYERS, D, FF, HEADS, KV_HEADS, DH = 2, 64, 96, 4, 2, 16
 SPECIALS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
@@ -331,12 +332,12 @@ def test_corrupt_and_foreign_files(tmp_path, tiny):
     with pytest.raises(CheckpointFileError, match='not a readable GGUF file') as e:
       gguf_convert.read_llama_gguf(str(path))
     assert str(path) in str(e.value)
-  assert gguf_convert.gguf_architecture(str(garbage)) is None
-  assert gguf_convert.gguf_architecture(str(good)) == 'llama'
+  assert gguf_format.gguf_architecture(str(garbage)) is None
+  assert gguf_format.gguf_architecture(str(good)) == 'llama'
 
   foreign = tmp_path / 'qwen.gguf'
   write_gguf(foreign, hf_weights(tied=True), arch='qwen2')
-  assert gguf_convert.gguf_architecture(str(foreign)) == 'qwen2'
+  assert gguf_format.gguf_architecture(str(foreign)) == 'qwen2'
   with pytest.raises(ValueError, match="'qwen2'.*llama"):
     gguf_convert.read_llama_gguf(str(foreign))
 

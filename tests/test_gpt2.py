@@ -9,10 +9,10 @@ from flax import traverse_util
 
 from finetune_jax import models
 from hf_files import copy_hf_dir
-from finetune_jax.convert import gpt2 as convert_gpt2
 from finetune_jax.models import attention
-from finetune_jax.models import gpt2
 from finetune_jax.models import tokenization
+from finetune_jax.models.gpt2 import convert as convert_gpt2
+from finetune_jax.models.gpt2 import model as gpt2
 
 # A small HF config: 2 blocks, width 32, 4 heads, 300 tokens, context 64.
 HF_SMALL = dict(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4,

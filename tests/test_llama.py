@@ -13,11 +13,11 @@ from flax import traverse_util
 import finetune_jax
 from finetune_jax import models
 from finetune_jax import sampling
-from finetune_jax.convert import llama as convert_llama
 from finetune_jax.models import attention
-from finetune_jax.models import llama
+from finetune_jax.models import llama as zoo_llama
 from finetune_jax.models import tokenization
-from finetune_jax.models.zoo import llama as zoo_llama
+from finetune_jax.models.llama import convert as convert_llama
+from finetune_jax.models.llama import model as llama
 
 # Small HF configs: GQA (4 heads, 2 kv heads), vocab 260 > the byte-level
 # tokenizer's 257 ids. The untied one also has biases, its own head_dim and rope_theta.

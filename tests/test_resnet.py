@@ -13,9 +13,9 @@ import torch  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from finetune_jax import models  # noqa: E402
-from finetune_jax.convert import resnet as convert_resnet  # noqa: E402
-from finetune_jax.models import resnet  # noqa: E402
-from finetune_jax.models.zoo import resnet as zoo_resnet  # noqa: E402
+from finetune_jax.models import resnet as zoo_resnet  # noqa: E402
+from finetune_jax.models.resnet import convert as convert_resnet  # noqa: E402
+from finetune_jax.models.resnet import model as resnet  # noqa: E402
 
 
 def _flat(params):

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from finetune_jax import models
-from finetune_jax.convert import vgg as convert_vgg
 from finetune_jax.formats import keras_h5
 from finetune_jax.formats.hf_dir import CheckpointFileError
 from finetune_jax.models import loading
-from finetune_jax.models import vgg
-from finetune_jax.models.zoo import vgg as zoo_vgg
+from finetune_jax.models import vgg as zoo_vgg
+from finetune_jax.models.vgg import convert as convert_vgg
+from finetune_jax.models.vgg import model as vgg
 
 keras = pytest.importorskip('keras')
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')  # inside keras

@@ -11,10 +11,10 @@ from flax import traverse_util
 
 from finetune_jax import models
 from hf_files import copy_hf_dir
-from finetune_jax.convert import vit as convert_vit
 from finetune_jax.formats.hf_dir import CheckpointFileError
-from finetune_jax.models import vit
-from finetune_jax.models.zoo import vit as zoo_vit
+from finetune_jax.models import vit as zoo_vit
+from finetune_jax.models.vit import convert as convert_vit
+from finetune_jax.models.vit import model as vit
 
 # A small HF config: 2 blocks, width 32, 4 heads, patch 8 at 32 px (4x4 grid).
 HF_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

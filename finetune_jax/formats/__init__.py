@@ -5,7 +5,7 @@
   hf_dir            Hugging Face dirs: config.json, safetensors (+ index)
   mapping           what the per-architecture key maps share (templates, checks)
 
-Architectures turn what these return into their params (`convert/<arch>.py`).
+Architectures turn what these return into their params (`models/<arch>/convert.py`).
 """
 from finetune_jax.formats.torch_state_dict import CheckpointFormatError
 from finetune_jax.formats.torch_state_dict import load_torch_state_dict

@@ -45,8 +45,21 @@ class Templates:
 
   def __init__(self, modules: Iterable[tuple[str, str, str]],
                leaves: dict[str, dict[str, str]], sep: str = '.'):
+    modules = tuple(modules)
     self._rules = [(template_regex(t, sep), ours, layout) for t, ours, layout in modules]
+    self._inverse = [(template_regex(ours, '/'), t, layout) for t, ours, layout in modules]
     self._leaves = leaves
+    self._sep = sep
+
+  def theirs(self, path: str) -> tuple[str, str] | None:
+    """(checkpoint name, layout) of our param `path`, the same rows read backwards."""
+    for regex, template, layout in self._inverse:
+      m = regex.match(path)
+      inverse = {v: k for k, v in self._leaves[layout].items()}
+      if m and m['leaf'] in inverse:
+        groups = {k: v for k, v in m.groupdict().items() if k != 'leaf'}
+        return f'{template.format(**groups)}{self._sep}{inverse[m["leaf"]]}', layout
+    return None
 
   def match(self, name: str) -> tuple[str, str, str] | None:
     """(our path, layout, their leaf) of `name`; None when no row takes it."""

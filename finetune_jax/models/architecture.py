@@ -1,9 +1,10 @@
-"""What methods and exporters ask of a model family, registered once per family.
+"""What loaders, methods and exporters ask of a model family, registered once per family.
 
 An `Architecture` names its layers by **role** (`q`, `k`, `v`, `attn_out`,
 `mlp_in`, `mlp_out`, `embed`, `conv`, ...), each a regex over module paths,
 so that a method says "LoRA on q and v" once instead of keeping a table of
-families. It also says whether the model decodes (per-token outputs and a
+families. It builds and initialises its module (for the loading skeleton in
+`registry`), and says whether the model decodes (per-token outputs and a
 key/value cache) and how it maps onto transformers (`HFLayout`), if it does.
 
 Targets in a method's config are resolved by `Architecture.pattern`: a role
@@ -34,6 +35,8 @@ _BARE_NAME = re.compile(r'[A-Za-z_][A-Za-z0-9_]*')
 class HFLayout:
   """How a family maps onto transformers; pairs are (with a head, without)."""
   to_hf: Callable  # (nested params, our config, prefix) -> {HF state-dict name: array}
+  # (our param path, our config, prefix) -> its HF state-dict name: the table `to_hf` uses.
+  name: Callable
   hf_config: Callable  # our config -> config.json; raises for what transformers lacks
   prefix: tuple  # of the body's module names
   task_type: tuple  # HF PEFT's task_type
@@ -63,6 +66,16 @@ class HFLayout:
 class Architecture:
   name: str  # `Pretrained.config['model']`
   roles: Mapping[str, str]  # role -> regex over module paths
+  # Our config dict -> the flax module.
+  build: Callable
+  # (module, config, seed, draw) -> params; draw(path) says which leaves to draw (None: all).
+  init: Callable
+  # Our config -> top-level param keys from input to output, the head excluded.
+  blocks: Callable
+  # Top-level param key of the classifier (or LM head).
+  head: str = 'head'
+  # Our config -> (uint8 NHWC, image_size=None) -> model input; None for text models.
+  preprocess: Callable | None = None
   decoder: bool = False  # per-token logits and cached generation
   hf: HFLayout | None = None  # None: no transformers layout
   title: str = ''  # its name in prose ('GPT-2'); `name` when empty

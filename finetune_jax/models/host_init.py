@@ -58,7 +58,18 @@ def param_shapes(module, input_shape, input_dtype=jnp.float32) -> dict:
 
 
 def init_params(module, input_shape, value: Callable, seed: int,
-                input_dtype=jnp.float32) -> dict:
+                input_dtype=jnp.float32, draw: Callable[[str], bool] | None = None) -> dict:
+  """`module`'s params, each leaf drawn by `value(path, shape, dtype, seed)`.
+
+  draw: which paths to draw (None: all). The others are zero-stride stand-ins
+    with the right shape and dtype, for leaves a checkpoint will fill: a
+    leaf's draw does not depend on the others, so skipping them changes none.
+  """
+  def leaf(p, s):
+    if draw is None or draw(p):
+      return jnp.asarray(value(p, s.shape, s.dtype, seed))
+    return np.broadcast_to(np.zeros((), s.dtype), s.shape)
+
   return traverse_util.unflatten_dict(
-      {p: jnp.asarray(value(p, s.shape, s.dtype, seed))
-       for p, s in param_shapes(module, input_shape, input_dtype).items()}, sep='/')
+      {p: leaf(p, s) for p, s in param_shapes(module, input_shape, input_dtype).items()},
+      sep='/')

@@ -1,4 +1,4 @@
-"""Merging a converted checkpoint into freshly initialised params.
+"""Loading a converted checkpoint into freshly initialised params.
 
 Paths are '/'-joined ('blocks_3/project_bn/scale'). `dont_load` regexes
 (re.search) keep the init value (e.g. '^head/' for a new classifier); every
@@ -17,7 +17,7 @@ def flat(params: Mapping) -> dict:
   return traverse_util.flatten_dict(dict(params), sep='/')
 
 
-def _compile(patterns: Sequence[str]) -> list[re.Pattern]:
+def compile_patterns(patterns: Sequence[str]) -> list[re.Pattern]:
   if isinstance(patterns, str):
     raise ValueError(f'dont_load must be a list of regexes, got the string '
                      f'{patterns!r}; write [{patterns!r}].')
@@ -33,7 +33,7 @@ def _compile(patterns: Sequence[str]) -> list[re.Pattern]:
 def check_dont_load(dont_load: Sequence[str], paths: Sequence[str],
                     source: str = '<file>') -> list[re.Pattern]:
   """Compiled patterns; each must be a valid regex matching some path."""
-  regexes = _compile(dont_load)
+  regexes = compile_patterns(dont_load)
   for regex in regexes:
     if not any(regex.search(p) for p in paths):
       raise ValueError(
@@ -42,7 +42,7 @@ def check_dont_load(dont_load: Sequence[str], paths: Sequence[str],
   return regexes
 
 
-def merge_pretrained(init_params: Mapping, loaded_params: Mapping,
+def load_into(init_params: Mapping, loaded_params: Mapping,
                      dont_load: Sequence[str] = (), source: str = '<file>') -> dict:
   """`init_params` with every leaf not matched by `dont_load` taken from `loaded_params`.
 
@@ -77,7 +77,7 @@ def merge_pretrained(init_params: Mapping, loaded_params: Mapping,
         f'Shape mismatch loading {source}: ' + '; '.join(mismatched[:20]) +
         '. Fix the model config (e.g. num_classes) or add the parameter to '
         'dont_load (e.g. "^head/").')
-  merged = {
+  params = {
       p: v if skipped(p) else jnp.asarray(loaded[p], dtype=v.dtype)
       for p, v in init.items()}
-  return traverse_util.unflatten_dict(merged, sep='/')
+  return traverse_util.unflatten_dict(params, sep='/')

@@ -1,8 +1,13 @@
 """Pretrained models by alias or checkpoint path, behind one small interface.
 
-Each architecture registers, in its `models/zoo/<arch>.py`, the aliases it
+Each architecture registers, in its `models/<arch>/__init__.py`, the aliases it
 serves and a loader for the checkpoint formats it reads. `load_pretrained`
 dispatches a name to an alias, or a path to the first loader that claims it.
+
+Loaders end in the skeleton they share, `random_init` or `from_checkpoint`:
+build, init, the head policy, `dont_load`, and the strict load that names
+whatever matches nothing or is mis-shaped. A loader supplies only what
+differs: how to read its files, its config and its key map.
 """
 import dataclasses
 import inspect
@@ -10,6 +15,9 @@ import os
 from typing import Callable, Sequence
 
 import flax.linen as nn
+
+from finetune_jax.models import architecture as architectures
+from finetune_jax.models import loading
 
 
 @dataclasses.dataclass
@@ -21,6 +29,47 @@ class Pretrained:
   head: str  # top-level param key of the classifier
   blocks: tuple  # top-level param keys input -> output, head excluded
   tokenizer: object = None
+
+
+def pretrained(arch: architectures.Architecture, config: dict, params: dict,
+               tokenizer=None) -> Pretrained:
+  return Pretrained(
+      module=arch.build(config), params=params, config=config,
+      preprocess=arch.preprocess(config) if arch.preprocess else None, head=arch.head,
+      blocks=arch.blocks(config), tokenizer=tokenizer)
+
+
+def random_init(arch: architectures.Architecture, config: dict, *, dont_load: Sequence[str],
+                seed: int, tokenizer=None) -> Pretrained:
+  """A model of `config` with every param drawn; each dont_load pattern must match one."""
+  params = arch.init(arch.build(config), config, seed, None)
+  loading.check_dont_load(dont_load, list(loading.flat(params)), source='<random init>')
+  return pretrained(arch, config, params, tokenizer)
+
+
+def from_checkpoint(arch: architectures.Architecture, config: dict, loaded: dict, *,
+                    source: str, dont_load: Sequence[str], seed: int,
+                    num_classes: int | None = None, checkpoint_classes: int | None = None,
+                    tokenizer=None) -> Pretrained:
+  """`config`'s model with every param from `loaded` (our paths), strictly.
+
+  The head policy, for families with a classifier (`checkpoint_classes` not
+  None: the checkpoint's classifier size, 0 for none): num_classes None keeps
+  the checkpoint's; another size drops the checkpoint's head and keeps a fresh
+  one. Only the leaves that keep their initial values are drawn.
+  """
+  loaded, dont_load = loading.flat(loaded), list(dont_load)
+  if checkpoint_classes is not None:
+    classes = checkpoint_classes if num_classes is None else num_classes
+    config = {**config, 'num_classes': classes}
+    if classes != checkpoint_classes:  # a new head: the checkpoint's is dropped
+      loaded = {p: v for p, v in loaded.items() if not p.startswith(f'{arch.head}/')}
+      dont_load += [f'^{arch.head}/'] if classes else []
+  kept = loading.compile_patterns(dont_load)
+  module = arch.build(config)
+  init = arch.init(module, config, seed, lambda p: any(r.search(p) for r in kept))
+  params = loading.load_into(init, loaded, dont_load, source=source)
+  return pretrained(arch, config, params, tokenizer)
 
 
 # A loader: (path or None, *, num_classes, dont_load, seed, image_size) -> Pretrained.

@@ -80,10 +80,10 @@ def base_model_fix(cfg) -> str:
 def our_modules(path, cfg, model, flat: dict, names, what: str) -> dict:
   """{HF module name: our module} for the adapter's `names` (its `what` modules,
   'adapted' or 'scaled'); a name this base model lacks is a mismatch error."""
-  inverse = hf_names.inverse_names(model, flat)
+  inverse = hf_names.inverse_names(model)
   unknown = sorted(n for n in names if n not in inverse)
   if unknown:
-    own = hf_names.module_names(model, flat, hf_names.model_modules(model)).values()
+    own = hf_names.module_names(model, hf_names.model_modules(model)).values()
     raise mismatch(path, f'{what} modules are {collapse_digits(names)}',
                    f'({model.config["model"]}) has no module {unknown[0]!r}; its modules are '
                    f'{collapse_digits(own)}', base_model_fix(cfg))

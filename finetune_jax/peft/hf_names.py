@@ -1,15 +1,15 @@
 """Which transformers module each of our modules is, per model family, both ways.
 
-Module names come from the converters' `params_to_hf`, so there is one name
-table per family. The exception is ViT under transformers >= 5: its modules
-were renamed (q_proj, mlp.fc1, ...) while its checkpoints kept the old names,
-and PEFT keys follow the modules. Exports use the installed transformers'
+Names come from each family's own table (`HFLayout.name`, the one its
+checkpoint export uses), so import and export read the same table. The
+exception is ViT under transformers >= 5: its modules were renamed (q_proj,
+mlp.fc1, ...) while its checkpoints kept the old names, and PEFT keys follow
+the modules. Exports use the installed transformers'
 naming (v5 without one); imports read both.
 """
-import numpy as np
-
 from finetune_jax.models import architecture
 from finetune_jax.peft import paths
+
 
 def family(model) -> architecture.HFLayout:
   layout = architecture.of(model).hf
@@ -29,27 +29,22 @@ def prefix(model) -> str:
   return family(model).prefix[0 if has_head(model) else 1]
 
 
-def _checkpoint_names(model, flat: dict, modules) -> dict:
-  """{our module: transformers checkpoint module name}, from the family's converter."""
+def _checkpoint_names(model, modules) -> dict:
+  """{our module: transformers checkpoint module name}, from the family's name table."""
   fam, body = family(model), prefix(model)
-  out = {}
-  for m in modules:
-    probe = {f'{m}/kernel': np.zeros((1,) * np.ndim(flat[f'{m}/kernel']), np.float32)}
-    (name,) = fam.to_hf(paths.unflatten(probe), model.config, body)
-    out[m] = name[:-len('.weight')]
-  return out
+  return {m: fam.name(f'{m}/kernel', model.config, body)[:-len('.weight')] for m in modules}
 
 
-def module_names(model, flat: dict, modules) -> dict:
+def module_names(model, modules) -> dict:
   """{our module path: the transformers module PEFT adapts}."""
-  return {m: family(model).runtime_name(n) for m, n in _checkpoint_names(model, flat, modules).items()}
+  return {m: family(model).runtime_name(n) for m, n in _checkpoint_names(model, modules).items()}
 
 
-def inverse_names(model, flat: dict) -> dict:
+def inverse_names(model) -> dict:
   """{HF module name, in every naming we read: our module}, the head included."""
   fam = family(model)
   modules = model_modules(model)
-  checkpoint = _checkpoint_names(model, flat, modules)
+  checkpoint = _checkpoint_names(model, modules)
   prefixes = {p for p in fam.prefix if p}
   out = {}
   for m, name in checkpoint.items():
@@ -73,11 +68,8 @@ def extra_hf_modules(model) -> set:
 
 def head_names(model, flat: dict) -> dict:
   """{HF name of a head tensor ('classifier.weight', ...): our path}; {} without a head."""
-  out = {}
-  if has_head(model):
-    for p in flat:
-      if p.startswith(model.head + '/'):
-        probe = paths.unflatten({p: np.zeros((1,) * np.ndim(flat[p]), np.float32)})
-        (name,) = family(model).to_hf(probe, model.config, prefix(model))
-        out[name] = p
-  return out
+  if not has_head(model):
+    return {}
+  fam = family(model)
+  return {fam.name(p, model.config, prefix(model)): p
+          for p in flat if p.startswith(model.head + '/')}

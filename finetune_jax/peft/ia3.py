@@ -219,7 +219,7 @@ def peft_tensors(model, hook, flat: dict) -> tuple[dict, dict]:
   matches feedforward_modules by bare suffix, so 'output.dense' would also
   catch BERT's attention.output.dense."""
   modules = _ia3_modules(flat)
-  names = hf_names.module_names(model, flat, modules)
+  names = hf_names.module_names(model, modules)
   tensors = {}
   for m in modules:
     scale, kernel = np.asarray(flat[f'{m}/{SCALE}']), np.shape(flat[f'{m}/kernel'])

@@ -358,7 +358,7 @@ def _number(x: float):
 def peft_tensors(model, hook, flat: dict) -> tuple[dict, dict]:
   """PEFT's LoRA/DoRA tensors and the config fields of their own."""
   modules = adapted_modules(flat)
-  names = hf_names.module_names(model, flat, modules)
+  names = hf_names.module_names(model, modules)
   tensors, ranks = {}, {}
   for m in modules:
     a, b = np.asarray(flat[f'{m}/{A}']), np.asarray(flat[f'{m}/{B}'])
@@ -385,7 +385,7 @@ def _target_modules(model, flat: dict, chosen: set):
   """PEFT's target_modules: short names ('query', 'value') when they select
   exactly `chosen`, else the full module names (exact in PEFT too)."""
   candidates = candidate_modules(flat, model.head + '/' if hf_names.has_head(model) else None)
-  everything = (set(hf_names.module_names(model, flat, candidates).values())
+  everything = (set(hf_names.module_names(model, candidates).values())
                 | hf_names.extra_hf_modules(model))
   leaves = sorted({n.rsplit('.', 1)[-1] for n in chosen})
   if {n for n in everything if n.rsplit('.', 1)[-1] in leaves} == chosen:

@@ -1,4 +1,4 @@
-"""ViT checkpoints <-> our ViT param tree (see models/vit.py for its layout).
+"""ViT checkpoints <-> our ViT param tree (see models/vit/model.py for its layout).
 
 Two sources, each mapped key by key; a key that maps to nothing is an error:
 
@@ -32,7 +32,7 @@ from flax import traverse_util
 
 from finetune_jax.formats import mapping
 from finetune_jax.formats.hf_dir import CheckpointFileError
-from finetune_jax.models import vit
+from finetune_jax.models.vit import model as vit
 
 # ------------------------------------------------------------------ HF
 
@@ -83,30 +83,32 @@ def hf_to_params(tensors: dict[str, np.ndarray], source: str = '<HF checkpoint>'
   return params.result()
 
 
-def params_to_hf(params: dict, prefix: str = 'vit.') -> dict[str, np.ndarray]:
-  """transformers ViT tensors from our params ('head' -> the unprefixed 'classifier').
+_HF_NAMES = {ours: theirs for theirs, ours in _HF_PARAMS.items()}
+
+
+def hf_name(path: str, prefix: str = 'vit.') -> str:
+  """The transformers name of our param `path` ('head' -> the unprefixed 'classifier').
 
   prefix: 'vit.' as in ViTForImageClassification; '' for a ViTModel.
   """
-  modules = {ours: (theirs, layout) for theirs, ours, layout in _HF_MODULES}
-  params_hf = {ours: f'{prefix}{theirs}' for theirs, ours in _HF_PARAMS.items()}
+  if path in _HF_NAMES:
+    return prefix + _HF_NAMES[path]
+  found = _HF_TEMPLATES.theirs(path)
+  if found is None:
+    raise ValueError(f'Parameter {path!r} has no transformers ViT name.')
+  name = found[0]
+  return name if name.startswith('classifier.') else prefix + name
+
+
+def params_to_hf(params: dict, prefix: str = 'vit.') -> dict[str, np.ndarray]:
+  """transformers ViT tensors from our params (names: `hf_name`)."""
   out = {}
   for path, value in traverse_util.flatten_dict(dict(params), sep='/').items():
     value = np.asarray(value)
-    if path in params_hf:
-      out[params_hf[path]] = value
-      continue
-    module, leaf = path.rsplit('/', 1)
-    m = re.match(r'encoderblock_(\d+)/(.+)$', module)
-    key = f'encoderblock_{{i}}/{m[2]}' if m else module
-    if key not in modules:
-      raise ValueError(f'Parameter {path!r} has no transformers ViT name.')
-    theirs, layout = modules[key]
-    hf_leaf = {v: k for k, v in _HF_LEAVES[layout].items()}[leaf]
-    if hf_leaf == 'weight' and layout in _HF_WEIGHTS:
-      value = value.transpose(np.argsort(_HF_WEIGHTS[layout][0]))  # the inverse permutation
-    name = f'{theirs.format(i=m[1]) if m else theirs}.{hf_leaf}'
-    out[name if theirs == 'classifier' else prefix + name] = np.ascontiguousarray(value)
+    found = _HF_TEMPLATES.theirs(path)
+    if found and found[0].endswith('.weight') and found[1] in _HF_WEIGHTS:
+      value = value.transpose(np.argsort(_HF_WEIGHTS[found[1]][0]))  # the inverse permutation
+    out[hf_name(path, prefix)] = np.ascontiguousarray(value)
   return out
 
 
@@ -369,14 +371,14 @@ def architecture_from_shapes(flat: dict, *, num_heads: int | None = None,
       raise ValueError(
           f'{source}: width {width} is not a standard ViT width '
           f'{sorted(vit.STANDARD_WIDTHS)}, so its number of attention heads is '
-          'unknown; pass num_heads= to the loader (models.zoo.vit.load_npz).')
+          'unknown; pass num_heads= to the loader (models.vit.load_npz).')
     std_depth, std_mlp, num_heads = vit.STANDARD_WIDTHS[width]
     if (depth, mlp_dim) != (std_depth, std_mlp):
       raise ValueError(
           f'{source}: width {width} has {std_depth} blocks of MLP size {std_mlp} in '
           f'the standard ViTs, but this file has {depth} blocks of MLP size {mlp_dim} '
           f'(blocks found: {sorted(blocks)}). A block may be missing; for a '
-          'non-standard model pass num_heads= to the loader (models.zoo.vit.load_npz).')
+          'non-standard model pass num_heads= to the loader (models.vit.load_npz).')
   arch['num_heads'] = num_heads
   return arch
 

@@ -1,4 +1,4 @@
-"""transformers BERT checkpoints <-> our BERT param tree (see models/bert.py).
+"""transformers BERT checkpoints <-> our BERT param tree (see models/bert/model.py).
 
 Reads BertModel, BertForSequenceClassification and sentence-transformers dirs
 (all-MiniLM-L6-v2 keeps its keys without the 'bert.' prefix):
@@ -20,7 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from finetune_jax.formats import mapping
-from finetune_jax.models import bert
+from finetune_jax.models.bert import model as bert
 
 # (HF module, our module, layout); '{i}' is the layer index.
 _MODULES = (
@@ -72,26 +72,24 @@ def hf_to_params(tensors: dict[str, np.ndarray], source: str = '<HF checkpoint>'
   return params.result()
 
 
-def params_to_hf(params: dict, prefix: str = PREFIX) -> dict[str, np.ndarray]:
-  """transformers state-dict names and layouts of our params ('head' -> 'classifier').
+def hf_name(path: str, prefix: str = PREFIX) -> str:
+  """The transformers state-dict name of our param `path` ('head/kernel' -> 'classifier.weight').
 
   prefix: 'bert.' as in BertForSequenceClassification; '' for a BertModel.
   """
-  inverse = {o: (t, layout) for t, o, layout in _MODULES}
+  found = _TEMPLATES.theirs(path)
+  if found is None:
+    raise ValueError(f'Parameter {path!r} has no transformers name.')
+  name = found[0]
+  return name if name.startswith('classifier.') else prefix + name
+
+
+def params_to_hf(params: dict, prefix: str = PREFIX) -> dict[str, np.ndarray]:
+  """transformers state-dict names and layouts of our params (see `hf_name`)."""
   out = {}
   for path, value in traverse_util.flatten_dict(dict(params), sep='/').items():
-    module, leaf = path.rsplit('/', 1)
-    m = re.match(r'layer_(\d+)/(.+)$', module)
-    key = f'layer_{{i}}/{m[2]}' if m else module
-    if key not in inverse:
-      raise ValueError(f'Parameter {path!r} has no transformers name.')
-    template, layout = inverse[key]
-    hf_leaf = {v: k for k, v in _LEAVES[layout].items()}[leaf]
     value = np.asarray(value)
-    if layout == 'linear' and leaf == 'kernel':
-      value = value.T
-    name = f'{template.format(i=m[1]) if m else template}.{hf_leaf}'
-    out[name if template == 'classifier' else prefix + name] = np.ascontiguousarray(value)
+    out[hf_name(path, prefix)] = np.ascontiguousarray(value.T if path.endswith('/kernel') else value)
   return out
 
 

@@ -150,10 +150,11 @@ def _host_value(path: str, shape, dtype, seed: int, pad_token_id: int | None) ->
   return value
 
 
-def init_params(module: 'BertEncoder', seed: int = 0, pad_token_id: int | None = 0) -> dict:
+def init_params(module: 'BertEncoder', seed: int = 0, pad_token_id: int | None = 0,
+                draw=None) -> dict:
   """Initial params drawn on the host with numpy (compiling `module.init` is slow)."""
   value = functools.partial(_host_value, pad_token_id=pad_token_id)
-  return host_init.init_params(module, (1, 1), value, seed, jnp.int32)
+  return host_init.init_params(module, (1, 1), value, seed, jnp.int32, draw)
 
 
 # ------------------------------------------------------------------- modules

@@ -143,10 +143,10 @@ def param_shapes(module: 'GPT2') -> dict:
   return host_init.param_shapes(module, (1, 1), jnp.int32)
 
 
-def init_params(module: 'GPT2', seed: int = 0) -> dict:
+def init_params(module: 'GPT2', seed: int = 0, draw=None) -> dict:
   """Initial params drawn on the host with numpy (compiling `module.init` is slow)."""
   value = functools.partial(_host_value, num_layers=module.num_layers)
-  return host_init.init_params(module, (1, 1), value, seed, jnp.int32)
+  return host_init.init_params(module, (1, 1), value, seed, jnp.int32, draw)
 
 
 # ------------------------------------------------------------------- modules

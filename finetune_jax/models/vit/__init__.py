@@ -10,21 +10,12 @@ import json
 import os
 import zipfile
 
-from flax import traverse_util
 
-from finetune_jax.convert import vit as convert_vit
 from finetune_jax.formats import hf_dir
 from finetune_jax.models import architecture
-from finetune_jax.models import loading
 from finetune_jax.models import registry
-from finetune_jax.models import vit
-
-
-def _pretrained(config, params) -> registry.Pretrained:
-  return registry.Pretrained(
-      module=vit.build(config), params=params, config=config,
-      preprocess=vit.make_preprocess(config), head='head',
-      blocks=vit.block_names(config))
+from finetune_jax.models.vit import convert as convert_vit
+from finetune_jax.models.vit import model as vit
 
 
 def _size(image_size) -> dict:
@@ -34,29 +25,21 @@ def _size(image_size) -> dict:
 def load_random(path, *, variant, num_classes, dont_load, seed, image_size=None):
   del path
   config = vit.make_config(variant, num_classes, **_size(image_size))
-  params = vit.init_params(vit.build(config), seed)
-  loading.check_dont_load(dont_load, list(loading.flat(params)), source='<random init>')
-  return _pretrained(config, params)
+  return registry.random_init(ARCHITECTURE, config, dont_load=dont_load, seed=seed)
 
 
 def _from_checkpoint(flat: dict, arch: dict, *, source, num_classes, dont_load,
                      seed, image_size) -> registry.Pretrained:
   """Builds the model `arch` describes at `image_size` and loads `flat` into it."""
   ckpt_classes = convert_vit.num_classes_in(flat)
-  config = vit.make_config(
-      None, num_classes=ckpt_classes if num_classes is None else num_classes,
-      **{**arch, **_size(image_size)})
+  config = vit.make_config(None, num_classes=ckpt_classes, **{**arch, **_size(image_size)})
   config['variant'] = vit.variant_of(config)
   if config['image_size'] != arch['image_size']:
     flat = {**flat, 'pos_embedding': vit.resize_pos_embedding(
         flat['pos_embedding'], vit.grid_size(config), config['classifier'] == 'token')}
-  dont_load = list(dont_load)
-  if config['num_classes'] != ckpt_classes:
-    dont_load.append('^head/')
-  init = vit.init_params(vit.build(config), seed)
-  params = loading.merge_pretrained(
-      init, traverse_util.unflatten_dict(flat, sep='/'), dont_load, source=source)
-  return _pretrained(config, params)
+  return registry.from_checkpoint(
+      ARCHITECTURE, config, flat, source=source, dont_load=dont_load, seed=seed,
+      num_classes=num_classes, checkpoint_classes=ckpt_classes)
 
 
 def _hf_normalisation(model_dir: str) -> dict:
@@ -134,12 +117,15 @@ registry.register_checkpoint_loader('vit', ['hf_dir'], _claims_hf_dir, load_hf_d
 registry.register_checkpoint_loader('vit', ['npz'], _claims_npz, load_npz)
 
 
-architecture.register(architecture.Architecture(
-    'vit', title='ViT',
+ARCHITECTURE = architecture.register(architecture.Architecture(
+    'vit', title='ViT', build=vit.build,
+    init=lambda module, config, seed, draw: vit.init_params(module, seed, draw),
+    blocks=vit.block_names, preprocess=vit.make_preprocess,
     roles={'q': r'attention/query$', 'k': r'attention/key$', 'v': r'attention/value$',
            'attn_out': r'attention/out$', 'mlp_in': r'mlp/fc1$', 'mlp_out': r'mlp/fc2$'},
     hf=architecture.HFLayout(
         lambda p, c, prefix: convert_vit.params_to_hf(p, prefix=prefix),
+        lambda path, c, prefix: convert_vit.hf_name(path, prefix),
         convert_vit.hf_config, ('vit.', ''), (None, None),
         extra_modules=lambda c, has_head: (
             set() if has_head or c.get('representation_size') else {'pooler.dense'}),

@@ -1,10 +1,7 @@
-"""Llama-family GGUF files (llama.cpp) -> the tensors of a Hugging Face dir.
+"""GGUF files (llama.cpp): metadata, dequantised tensors and the tokenizer.
 
-  hf_config, tensors, tokenizer = read_llama_gguf('model.Q4_1.gguf')
-
-`hf_config` has transformers' LlamaConfig keys and `tensors` the names,
-(out, in) layouts and float32 values that the safetensors of the same model's
-HF dir would hold, so one mapping serves both formats. What has to be undone:
+The file format only; which tensor is which layer of which model is the
+architecture's (`models/llama/gguf.py`).
 
 - Dimension order: GGUF lists dims innermost first; gguf's reader already
   reverses them, so a row of a weight is one output unit, as in nn.Linear.
@@ -13,10 +10,6 @@ HF dir would hold, so one mapping serves both formats. What has to be undone:
   tests/test_gguf.py checks F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1
   against its own decoding of the block formats; the k-quants (Q2_K..Q6_K,
   what "Q4_K_M" files hold) go through the same package code, untested here.
-- Q/K rows: llama.cpp's converter permutes the rows of q_proj and k_proj so
-  each head's rotary pairs are interleaved (its RoPE rotates (x0, x1),
-  (x2, x3), ...); HF pairs the first half of a head with the second
-  (rotate-half). The inverse permutation restores HF's layout exactly.
 - Tokenizer: rebuilt as a `tokenizers.Tokenizer` from the vocabulary in the
   metadata ('gpt2' byte-level BPE with merges, or 'llama' SentencePiece-style
   BPE with scores and byte fallback). The pre-tokenizer regexes are llama.cpp's
@@ -38,33 +31,8 @@ from tokenizers import processors
 
 from finetune_jax.formats.hf_dir import CheckpointFileError
 
-SUPPORTED_ARCHITECTURES = ('llama',)
 SUPPORTED_TYPES = (_Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1,
                    _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K)
-
-# GGUF tensor -> HF tensor ('{i}' is the layer index). The permuted ones get
-# their rows un-interleaved with n_head (q) or n_head_kv (k).
-_LAYER_NAMES = {
-    'attn_norm.weight': 'input_layernorm.weight',
-    'attn_q.weight': 'self_attn.q_proj.weight',
-    'attn_q.bias': 'self_attn.q_proj.bias',
-    'attn_k.weight': 'self_attn.k_proj.weight',
-    'attn_k.bias': 'self_attn.k_proj.bias',
-    'attn_v.weight': 'self_attn.v_proj.weight',
-    'attn_v.bias': 'self_attn.v_proj.bias',
-    'attn_output.weight': 'self_attn.o_proj.weight',
-    'attn_output.bias': 'self_attn.o_proj.bias',
-    'ffn_norm.weight': 'post_attention_layernorm.weight',
-    'ffn_gate.weight': 'mlp.gate_proj.weight',
-    'ffn_up.weight': 'mlp.up_proj.weight',
-    'ffn_down.weight': 'mlp.down_proj.weight',
-}
-_TOP_NAMES = {
-    'token_embd.weight': 'model.embed_tokens.weight',
-    'output_norm.weight': 'model.norm.weight',
-    'output.weight': 'lm_head.weight',
-}
-_PERMUTED = {'attn_q': 'num_attention_heads', 'attn_k': 'num_key_value_heads'}
 
 # llama.cpp's pre-tokenizer (llama-vocab.cpp, llm_tokenizer_bpe): regexes
 # applied in turn, each splitting every piece into its matches and the text
@@ -102,29 +70,6 @@ _SPM_SPACE = '\u2581'  # SentencePiece's visible space
 # ---------------------------------------------------------------- reading
 
 
-def read_llama_gguf(path: str):
-  """Reads a Llama-family GGUF file as Hugging Face would hold the model.
-
-  Returns:
-    (hf_config, tensors, tokenizer): a dict with LlamaConfig keys, {HF name:
-    float32 array in nn.Linear (out, in) layout} without 'lm_head.weight' when
-    the embeddings are tied, and a `tokenizers.Tokenizer`.
-  """
-  reader = open_gguf(path)
-  arch = _meta(reader, 'general.architecture', path)
-  if arch not in SUPPORTED_ARCHITECTURES:
-    raise ValueError(
-        f'{path} holds a {arch!r} model; GGUF loading supports the '
-        f'{"/".join(SUPPORTED_ARCHITECTURES)} architecture (Llama 1/2/3, SmolLM2, TinyLlama, '
-        'Mistral-7B exported as llama). Load other models from their Hugging Face dir.')
-  config = _hf_config(reader, path)
-  tensors = _hf_tensors(reader, path, config)
-  config['tie_word_embeddings'] = 'lm_head.weight' not in tensors
-  config['attention_bias'] = 'model.layers.0.self_attn.q_proj.bias' in tensors
-  tokenizer = _tokenizer(reader, path)
-  return config, tensors, tokenizer
-
-
 class _Reader(gguf.GGUFReader):
   """GGUFReader over a plain ndarray view of its memory map.
 
@@ -155,7 +100,7 @@ def open_gguf(path: str) -> gguf.GGUFReader:
     raise CheckpointFileError(
         f'{path} is a GGUF file for the other byte order (big-endian); convert it to '
         'little-endian with gguf-py\'s gguf_convert_endian.py.')
-  splits = _meta(reader, 'split.count', path, default=1)
+  splits = metadata(reader, 'split.count', path, default=1)
   if splits > 1:
     raise CheckpointFileError(
         f'{path} is one of {splits} shards of a split GGUF model; merge them first: '
@@ -206,13 +151,14 @@ def _skip_value(f, vtype: int) -> bool:
   return True
 
 
-_REQUIRED = object()
+REQUIRED = object()  # `metadata` default: the key must be there
 
 
-def _meta(reader, key: str, path: str, default=_REQUIRED):
+def metadata(reader, key: str, path: str, default=REQUIRED):
+  """The value of metadata `key`; without it, `default`, or an error naming the key."""
   field = reader.get_field(key)
   if field is None:
-    if default is _REQUIRED:
+    if default is REQUIRED:
       raise CheckpointFileError(f'{path} lacks the GGUF metadata key {key!r}; re-export it '
                                 'with a current llama.cpp convert_hf_to_gguf.py.')
     return default
@@ -220,66 +166,6 @@ def _meta(reader, key: str, path: str, default=_REQUIRED):
   if field.types and field.types[0] == gguf.GGUFValueType.FLOAT32:
     value = float(str(np.float32(value)))  # 1e-05, not 9.999999747378752e-06
   return value
-
-
-def _hf_config(reader, path: str) -> dict:
-  def get(key, default=_REQUIRED):
-    return _meta(reader, f'llama.{key}', path, default)
-
-  experts = get('expert_count', 0)
-  if experts:
-    raise ValueError(f'{path} is a mixture-of-experts model ({experts} experts, e.g. '
-                     'Mixtral); only dense Llama models are supported.')
-  hidden, heads = get('embedding_length'), get('attention.head_count')
-  kv_heads = get('attention.head_count_kv', heads)
-  if not isinstance(heads, int) or not isinstance(kv_heads, int):
-    raise ValueError(f'{path} has per-layer head counts; only uniform ones are supported.')
-  head_dim = get('attention.key_length', hidden // heads)
-  value_dim = get('attention.value_length', head_dim)
-  rope_dim = get('rope.dimension_count', head_dim)
-  if value_dim != head_dim or rope_dim != head_dim:
-    raise ValueError(
-        f'{path}: key length {head_dim}, value length {value_dim} and rotary dimension '
-        f'{rope_dim} differ; the Llama model needs them equal (full-width RoPE).')
-  scaling = get('rope.scaling.type', 'none')
-  if scaling in ('none', None):
-    rope_scaling = None
-  elif scaling == 'linear':
-    rope_scaling = {'rope_type': 'linear', 'factor': get('rope.scaling.factor')}
-  else:
-    rope_scaling = {'rope_type': scaling, 'factor': get('rope.scaling.factor', None)}
-  tokens = reader.get_field('tokenizer.ggml.tokens')
-  vocab = get('vocab_size', len(tokens.data) if tokens is not None else _REQUIRED)
-  return {
-      'model_type': 'llama',
-      'architectures': ['LlamaForCausalLM'],
-      'vocab_size': vocab,
-      'hidden_size': hidden,
-      'intermediate_size': get('feed_forward_length'),
-      'num_hidden_layers': get('block_count'),
-      'num_attention_heads': heads,
-      'num_key_value_heads': kv_heads,
-      'head_dim': head_dim,
-      'rms_norm_eps': get('attention.layer_norm_rms_epsilon', 1e-5),
-      'rope_theta': get('rope.freq_base', 10000.0),
-      'rope_scaling': rope_scaling,
-      'max_position_embeddings': get('context_length'),
-      'tie_word_embeddings': None,  # set from the tensors
-      'attention_bias': None,  # set from the tensors
-      'bos_token_id': _meta(reader, 'tokenizer.ggml.bos_token_id', path, None),
-      'eos_token_id': _meta(reader, 'tokenizer.ggml.eos_token_id', path, None),
-      'pad_token_id': _meta(reader, 'tokenizer.ggml.padding_token_id', path, None),
-  }
-
-
-def hf_name(gguf_name: str) -> str | None:
-  """The HF LlamaForCausalLM name of a GGUF tensor, or None if it has none."""
-  if gguf_name in _TOP_NAMES:
-    return _TOP_NAMES[gguf_name]
-  parts = gguf_name.split('.', 2)
-  if len(parts) == 3 and parts[0] == 'blk' and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-    return f'model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}'
-  return None
 
 
 def dequantize(tensor, path: str = '<gguf>') -> np.ndarray:
@@ -301,80 +187,13 @@ def dequantize(tensor, path: str = '<gguf>') -> np.ndarray:
   return np.array(values, dtype=np.float32, copy=True) if qtype == _Q.F32 else values
 
 
-def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-  """Inverse of llama.cpp convert_hf_to_gguf's `permute` (q: n_head, k: n_head_kv).
-
-  llama.cpp interleaves each head's two rotary halves row by row; this
-  restores HF's [first half; second half] order. Works on weights and biases.
-  """
-  rows = w.shape[0]
-  return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2)
-          .reshape(w.shape))
-
-
-def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-  """llama.cpp's permutation (HF -> GGUF layout), for writing test files."""
-  rows = w.shape[0]
-  return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2)
-          .reshape(w.shape))
-
-
-def _expected_shape(name: str, c: dict) -> tuple | None:
-  d, v, i = c['hidden_size'], c['vocab_size'], c['intermediate_size']
-  q, kv = c['num_attention_heads'] * c['head_dim'], c['num_key_value_heads'] * c['head_dim']
-  leaf = name.split('.', 3)[-1] if name.startswith('model.layers.') else name
-  return {
-      'model.embed_tokens.weight': (v, d), 'lm_head.weight': (v, d), 'model.norm.weight': (d,),
-      'input_layernorm.weight': (d,), 'post_attention_layernorm.weight': (d,),
-      'self_attn.q_proj.weight': (q, d), 'self_attn.q_proj.bias': (q,),
-      'self_attn.k_proj.weight': (kv, d), 'self_attn.k_proj.bias': (kv,),
-      'self_attn.v_proj.weight': (kv, d), 'self_attn.v_proj.bias': (kv,),
-      'self_attn.o_proj.weight': (d, q), 'self_attn.o_proj.bias': (d,),
-      'mlp.gate_proj.weight': (i, d), 'mlp.up_proj.weight': (i, d), 'mlp.down_proj.weight': (d, i),
-  }.get(leaf)
-
-
-def _hf_tensors(reader, path: str, config: dict) -> dict[str, np.ndarray]:
-  tensors = {}
-  for tensor in reader.tensors:
-    if tensor.name == 'rope_freqs.weight':
-      raise ValueError(
-          f'{path} carries rope_freqs.weight (Llama 3.1-style scaled RoPE), which the Llama '
-          'model does not implement; use a model with plain RoPE (Llama 2/3.0, SmolLM2).')
-    name = hf_name(tensor.name)
-    if name is None:
-      raise CheckpointFileError(
-          f'{path}: tensor {tensor.name!r} has no Llama counterpart (not a plain dense Llama '
-          'checkpoint?); nothing was loaded.')
-    layer = int(tensor.name.split('.')[1]) if name.startswith('model.layers.') else None
-    if layer is not None and layer >= config['num_hidden_layers']:
-      raise CheckpointFileError(f'{path}: tensor {tensor.name!r} is past llama.block_count = '
-                                f'{config["num_hidden_layers"]}.')
-    value = dequantize(tensor, path)
-    kind = tensor.name.split('.')[2] if layer is not None else None
-    if kind in _PERMUTED:
-      value = unpermute_rows(value, config[_PERMUTED[kind]])
-    expected = _expected_shape(name, config)
-    if value.shape != expected:
-      raise CheckpointFileError(f'{path}: {tensor.name!r} has shape {value.shape}, but the '
-                                f'metadata implies {expected} for {name}.')
-    tensors[name] = value
-  required = ['model.embed_tokens.weight', 'model.norm.weight']
-  for i in range(config['num_hidden_layers']):
-    required += [f'model.layers.{i}.{n}' for n in _LAYER_NAMES.values() if n.endswith('weight')]
-  missing = [n for n in required if n not in tensors]
-  if missing:
-    raise CheckpointFileError(f'{path} lacks the tensors for {missing[:6]}'
-                              f'{" ..." if len(missing) > 6 else ""}; the file is incomplete.')
-  return tensors
-
-
 # ---------------------------------------------------------------- tokenizer
 
 
-def _tokenizer(reader, path: str) -> tokenizers.Tokenizer:
-  def get(key, default=_REQUIRED):
-    return _meta(reader, f'tokenizer.ggml.{key}', path, default)
+def tokenizer(reader, path: str) -> tokenizers.Tokenizer:
+  """The file's vocabulary as a `tokenizers.Tokenizer`, with BOS/EOS as llama.cpp adds them."""
+  def get(key, default=REQUIRED):
+    return metadata(reader, f'tokenizer.ggml.{key}', path, default)
 
   kind = get('model', None)
   if kind is None or reader.get_field('tokenizer.ggml.tokens') is None:

