@@ -5,12 +5,31 @@
   hf_dir            Hugging Face dirs: config.json, safetensors (+ index)
   mapping           what the per-architecture key maps share (templates, checks)
 
-Architectures turn what these return into their params (`models/<arch>/convert.py`).
+Architectures turn what these return into their params (`models/<arch>/convert.py`)
+and say which of `FORMATS` they read (`Architecture.readers`).
 """
+import os
+
 from finetune_jax.formats.torch_state_dict import CheckpointFormatError
 from finetune_jax.formats.torch_state_dict import load_torch_state_dict
 from finetune_jax.formats.torch_state_dict import read_torch_checkpoint
 from finetune_jax.formats.torch_state_dict import UnsafeCheckpointError
 
-__all__ = ['CheckpointFormatError', 'UnsafeCheckpointError', 'load_torch_state_dict',
+# A checkpoint path -> its format: the first test that holds.
+FORMATS = {
+    'hf_dir': lambda p: os.path.isdir(p) and os.path.exists(os.path.join(p, 'config.json')),
+    'keras_h5': lambda p: p.endswith('.h5'),
+    'torch': lambda p: p.endswith(('.pth', '.pt', '.bin')),
+    'safetensors': lambda p: p.endswith('.safetensors'),
+    'npz': lambda p: p.endswith('.npz'),
+    'gguf': lambda p: p.endswith('.gguf'),
+}
+
+
+def format_of(path: str) -> str | None:
+  """The `FORMATS` key of a checkpoint path, or None for none of them."""
+  return next((name for name, test in FORMATS.items() if test(path)), None)
+
+
+__all__ = ['FORMATS', 'format_of', 'CheckpointFormatError', 'UnsafeCheckpointError', 'load_torch_state_dict',
            'read_torch_checkpoint']

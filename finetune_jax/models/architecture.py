@@ -4,7 +4,7 @@ An `Architecture` names its layers by **role** (`q`, `k`, `v`, `attn_out`,
 `mlp_in`, `mlp_out`, `embed`, `conv`, ...), each a regex over module paths,
 so that a method says "LoRA on q and v" once instead of keeping a table of
 families. It builds and initialises its module (for the loading skeleton in
-`registry`), and says whether the model decodes (per-token outputs and a
+`registry`), names the checkpoint formats it reads (`Reader`), and says whether the model decodes (per-token outputs and a
 key/value cache) and how it maps onto transformers (`HFLayout`), if it does.
 
 Targets in a method's config are resolved by `Architecture.pattern`: a role
@@ -16,6 +16,8 @@ import dataclasses
 import importlib.metadata
 import re
 from typing import Callable, Mapping
+
+from finetune_jax import formats
 
 ROLES = {
     'q': 'attention query projection',
@@ -63,11 +65,26 @@ class HFLayout:
 
 
 @dataclasses.dataclass(frozen=True)
+class Reader:
+  """A checkpoint format an architecture reads."""
+  formats: tuple  # of `formats.FORMATS` keys
+  claims: Callable[[str], bool]  # does this file hold this architecture?
+  # (path, *, num_classes, dont_load, seed, image_size, **options) -> registry.Pretrained
+  load: Callable
+
+  def __post_init__(self):
+    unknown = set(self.formats) - set(formats.FORMATS)
+    if unknown:
+      raise ValueError(f'Unknown checkpoint formats {sorted(unknown)}; known: '
+                       f'{list(formats.FORMATS)}.')
+
+
+@dataclasses.dataclass(frozen=True)
 class Architecture:
   name: str  # `Pretrained.config['model']`
   roles: Mapping[str, str]  # role -> regex over module paths
-  # Our config dict -> the flax module.
-  build: Callable
+  # The flax module class; its fields are the config's architecture keys (`build`).
+  module: type
   # (module, config, seed, draw) -> params; draw(path) says which leaves to draw (None: all).
   init: Callable
   # Our config -> top-level param keys from input to output, the head excluded.
@@ -78,11 +95,15 @@ class Architecture:
   preprocess: Callable | None = None
   decoder: bool = False  # per-token logits and cached generation
   hf: HFLayout | None = None  # None: no transformers layout
+  readers: tuple[Reader, ...] = ()  # the checkpoint files it loads, tried in order
   title: str = ''  # its name in prose ('GPT-2'); `name` when empty
 
   def __post_init__(self):
     if not self.title:
       object.__setattr__(self, 'title', self.name)
+
+  def build(self, config: Mapping):
+    return build_module(self.module, config)
 
   def has(self, *roles: str) -> bool:
     return all(r in self.roles for r in roles)
@@ -101,6 +122,21 @@ class Architecture:
 
   def matches(self, role: str, module: str) -> bool:
     return role in self.roles and re.search(self.roles[role], module) is not None
+
+
+def build_module(module_cls: type, config: Mapping):
+  """`module_cls(**config)`, as vit_jax passes `**config.model`.
+
+  A config's keys that are not the module's fields (`model`, `variant`,
+  preprocessing statistics) say what the module is and are left out; JSON's
+  lists come back as the tuples the (hashable) module fields hold.
+  """
+  fields = {f.name for f in dataclasses.fields(module_cls) if f.init} - {'parent', 'name'}
+  return module_cls(**{k: _as_tuples(v) for k, v in config.items() if k in fields})
+
+
+def _as_tuples(value):
+  return tuple(map(_as_tuples, value)) if isinstance(value, list) else value
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}

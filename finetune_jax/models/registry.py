@@ -1,8 +1,9 @@
 """Pretrained models by alias or checkpoint path, behind one small interface.
 
 Each architecture registers, in its `models/<arch>/__init__.py`, the aliases it
-serves and a loader for the checkpoint formats it reads. `load_pretrained`
-dispatches a name to an alias, or a path to the first loader that claims it.
+serves; its `Architecture.readers` name the checkpoint formats it reads.
+`load_pretrained` dispatches a name to an alias, or a path to the first
+reader (architectures in name order) that claims it.
 
 Loaders end in the skeleton they share, `random_init` or `from_checkpoint`:
 build, init, the head policy, `dont_load`, and the strict load that names
@@ -16,6 +17,7 @@ from typing import Callable, Sequence
 
 import flax.linen as nn
 
+from finetune_jax import formats
 from finetune_jax.models import architecture as architectures
 from finetune_jax.models import loading
 
@@ -75,27 +77,7 @@ def from_checkpoint(arch: architectures.Architecture, config: dict, loaded: dict
 # A loader: (path or None, *, num_classes, dont_load, seed, image_size) -> Pretrained.
 Loader = Callable[..., Pretrained]
 
-
-@dataclasses.dataclass(frozen=True)
-class _CheckpointLoader:
-  architecture: str
-  formats: tuple  # of FORMATS keys
-  claims: Callable[[str], bool]  # does this file hold this architecture?
-  load: Loader
-
-
 _ALIASES: dict[str, tuple[Loader, str]] = {}
-_CHECKPOINT_LOADERS: list[_CheckpointLoader] = []
-
-# Path -> format, tried in order.
-FORMATS = {
-    'hf_dir': lambda p: os.path.isdir(p) and os.path.exists(os.path.join(p, 'config.json')),
-    'keras_h5': lambda p: p.endswith('.h5'),
-    'torch': lambda p: p.endswith(('.pth', '.pt', '.bin')),
-    'safetensors': lambda p: p.endswith('.safetensors'),
-    'npz': lambda p: p.endswith('.npz'),
-    'gguf': lambda p: p.endswith('.gguf'),
-}
 
 
 def register_alias(name: str, load: Loader, description: str) -> None:
@@ -104,24 +86,12 @@ def register_alias(name: str, load: Loader, description: str) -> None:
   _ALIASES[name] = (load, description)
 
 
-def register_checkpoint_loader(architecture: str, formats: Sequence[str],
-                               claims: Callable[[str], bool], load: Loader) -> None:
-  unknown = set(formats) - set(FORMATS)
-  if unknown:
-    raise ValueError(f'Unknown checkpoint formats {sorted(unknown)}; known: {list(FORMATS)}.')
-  _CHECKPOINT_LOADERS.append(_CheckpointLoader(architecture, tuple(formats), claims, load))
-
-
 def list_aliases() -> list[str]:
   return sorted(_ALIASES)
 
 
 def describe_aliases() -> dict[str, str]:
   return {name: _ALIASES[name][1] for name in list_aliases()}
-
-
-def checkpoint_format(path: str) -> str | None:
-  return next((name for name, test in FORMATS.items() if test(path)), None)
 
 
 def load_pretrained(name_or_path, *, num_classes: int | None = None,
@@ -145,20 +115,21 @@ def load_pretrained(name_or_path, *, num_classes: int | None = None,
                 image_size=image_size, **options)
   if name in _ALIASES:
     return _call(_ALIASES[name][0], None, name, kwargs)
-  fmt = checkpoint_format(name)
+  fmt = formats.format_of(name)
   if fmt is None or not os.path.exists(name):
     raise ValueError(
         f'Unknown model {name!r}: not an alias and not an existing checkpoint. '
         f'Known aliases: {", ".join(list_aliases())}. Checkpoint paths may be an '
         f'HF dir (config.json + *.safetensors) or a .h5, .pth/.pt/.bin, '
         f'.safetensors, .npz or .gguf file.')
-  loaders = [l for l in _CHECKPOINT_LOADERS if fmt in l.formats]
-  for loader in loaders:
-    if loader.claims(name):
-      return _call(loader.load, name, name, kwargs)
+  readers = [(arch.name, reader) for arch in architectures.all_architectures()
+             for reader in arch.readers if fmt in reader.formats]
+  for _, reader in readers:
+    if reader.claims(name):
+      return _call(reader.load, name, name, kwargs)
   raise ValueError(
-      f'{name} ({fmt}) holds no architecture this project reads. Loaders for '
-      f'{fmt}: {[l.architecture for l in loaders] or "none"}.')
+      f'{name} ({fmt}) holds no architecture this project reads. Readers of '
+      f'{fmt}: {[arch for arch, _ in readers] or "none"}.')
 
 
 def _call(load: Loader, path, name: str, kwargs: dict) -> Pretrained:

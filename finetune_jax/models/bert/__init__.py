@@ -200,11 +200,10 @@ registry.register_alias(
 registry.register_alias(
     'bert-base-random', functools.partial(load_random, variant='base'),
     'BERT-base (110M params), random init, byte-level tokenizer')
-registry.register_checkpoint_loader('bert', ['hf_dir'], _claims_hf_dir, load_hf_dir)
 
 
 ARCHITECTURE = architecture.register(architecture.Architecture(
-    'bert', title='BERT', build=bert.build, blocks=bert.block_names,
+    'bert', title='BERT', module=bert.BertEncoder, blocks=bert.block_names,
     init=lambda module, config, seed, draw: bert.init_params(
         module, seed, config['pad_token_id'], draw),
     roles={'q': r'attention/self/query$', 'k': r'attention/self/key$',
@@ -219,4 +218,5 @@ ARCHITECTURE = architecture.register(architecture.Architecture(
             ('bert.' if has_head else '') + 'pooler.dense'},
         export_warning=convert_bert.export_warning,
         no_prefix_why="transformers 5's BERT takes no past_key_values, so HF PEFT cannot run "
-                      'a prefix on it')))
+                      'a prefix on it'),
+    readers=(architecture.Reader(('hf_dir',), _claims_hf_dir, load_hf_dir),)))

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax.models import architecture
 from finetune_jax.models import attention
 from finetune_jax.models import host_init
 from finetune_jax.models import layers
@@ -115,16 +116,8 @@ def block_names(config: dict) -> tuple[str, ...]:
 
 
 def build(config: dict) -> 'BertEncoder':
-  classifier_dropout = config['classifier_dropout']
-  return BertEncoder(
-      **{k: config[k] for k in (
-          'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
-          'max_position_embeddings', 'type_vocab_size', 'layer_norm_eps',
-          'hidden_dropout_prob', 'attention_probs_dropout_prob', 'pooling',
-          'add_pooler', 'num_classes')},
-      gelu_approximate=ACTIVATIONS[config['hidden_act']],
-      classifier_dropout=(config['hidden_dropout_prob'] if classifier_dropout is None
-                          else classifier_dropout))
+  """The module of `config`, whose architecture keys are the module's fields."""
+  return architecture.build_module(BertEncoder, config)
 
 
 # ------------------------------------------------------------------- init
@@ -304,10 +297,10 @@ class BertEncoder(nn.Module):
   max_position_embeddings: int = 512
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
-  gelu_approximate: bool = False
+  hidden_act: str = 'gelu'  # an ACTIVATIONS key, as HF's config names it
   hidden_dropout_prob: float = 0.1
   attention_probs_dropout_prob: float = 0.1
-  classifier_dropout: float = 0.1
+  classifier_dropout: float | None = None  # None: hidden_dropout_prob, as in HF
   pooling: str = 'cls'
   add_pooler: bool = True
   num_classes: int = 0
@@ -344,7 +337,7 @@ class BertEncoder(nn.Module):
     new_layers = []
     for i in range(self.num_layers):
       x, layer = Layer(self.num_heads, self.intermediate_size, self.layer_norm_eps,
-                       self.gelu_approximate, self.hidden_dropout_prob,
+                       ACTIVATIONS[self.hidden_act], self.hidden_dropout_prob,
                        self.attention_probs_dropout_prob, name=f'layer_{i}')(
                            x, mask, train, None if cache is None else cache['layers'][i],
                            index)
@@ -362,8 +355,10 @@ class BertEncoder(nn.Module):
       features = mean_pool(x, attention_mask)
     else:
       features = x[:, 0]
-    out.update(layers.classifier_outputs(features, self.num_classes,
-                                         self.classifier_dropout, train))
+    classifier_dropout = (self.hidden_dropout_prob if self.classifier_dropout is None
+                          else self.classifier_dropout)
+    out.update(layers.classifier_outputs(features, self.num_classes, classifier_dropout,
+                                         train))
     if cache is not None:
       out['cache'] = {'index': cache['index'] + length, 'layers': new_layers}
     return out

@@ -53,11 +53,11 @@ for _i in range(5):
   registry.register_alias(
       f'efficientnet-lite{_i}-random', functools.partial(load_random, variant=f'lite{_i}'),
       f'EfficientNet-Lite{_i}, random init')
-registry.register_checkpoint_loader('efficientnet_lite', ['torch'], _claims, load_state_dict)
 
 
 ARCHITECTURE = architecture.register(architecture.Architecture(
     'efficientnet_lite', title='EfficientNet-Lite', roles={'conv': r'(expand|project)_conv$'},
-    build=efficientnet_lite.build,
+    module=efficientnet_lite.EfficientNetLite,
     init=lambda module, config, seed, draw: efficientnet_lite.init_params(module, seed, draw),
-    blocks=efficientnet_lite.block_names, preprocess=efficientnet_lite.make_preprocess))
+    blocks=efficientnet_lite.block_names, preprocess=efficientnet_lite.make_preprocess,
+    readers=(architecture.Reader(('torch',), _claims, load_state_dict),)))

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax.models import architecture
 from finetune_jax.models import host_init
 from finetune_jax.models import layers
 from finetune_jax.models import preprocessing
@@ -147,18 +148,9 @@ def block_names(config: dict) -> tuple[str, ...]:
   return ('stem', *(f'blocks_{i}' for i in range(num_blocks(config))), 'top')
 
 
-def build(config: dict, depthwise_impl: str = 'auto') -> 'EfficientNetLite':
-  return EfficientNetLite(
-      stages=tuple(tuple(s) for s in config['stages']),
-      width_coefficient=config['width_coefficient'],
-      depth_coefficient=config['depth_coefficient'],
-      num_classes=config['num_classes'],
-      stem_features=config['stem_features'],
-      top_features=config['top_features'],
-      dropout_rate=config['dropout_rate'],
-      drop_connect_rate=config['drop_connect_rate'],
-      bn_epsilon=config['bn_epsilon'],
-      depthwise_impl=depthwise_impl)
+def build(config: dict) -> 'EfficientNetLite':
+  """The module of `config`, whose architecture keys are the module's fields."""
+  return architecture.build_module(EfficientNetLite, config)
 
 
 def make_preprocess(config: dict):

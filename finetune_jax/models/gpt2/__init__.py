@@ -107,11 +107,10 @@ registry.register_alias(
 registry.register_alias(
     'gpt2-small-random', functools.partial(load_random, variant='small'),
     'GPT-2 small (124M params, context 1024), random init, byte-level tokenizer')
-registry.register_checkpoint_loader('gpt2', ['hf_dir'], _claims_hf_dir, load_hf_dir)
 
 
 ARCHITECTURE = architecture.register(architecture.Architecture(
-    'gpt2', title='GPT-2', build=gpt2.build,
+    'gpt2', title='GPT-2', module=gpt2.GPT2,
     init=lambda module, config, seed, draw: gpt2.init_params(module, seed, draw),
     blocks=gpt2.block_names, head='lm_head',
     roles={'qkv': r'attn/c_attn$', 'q': r'attn/c_attn$', 'k': r'attn/c_attn$',
@@ -122,4 +121,5 @@ ARCHITECTURE = architecture.register(architecture.Architecture(
         lambda p, c, prefix: convert_gpt2.params_to_hf(p, prefix=prefix),
         lambda path, c, prefix: convert_gpt2.hf_name(path, prefix),
         convert_gpt2.hf_config, ('transformer.',) * 2, ('CAUSAL_LM',) * 2,
-        fan_in_fan_out=True)))
+        fan_in_fan_out=True),
+    readers=(architecture.Reader(('hf_dir',), _claims_hf_dir, load_hf_dir),)))

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax.models import architecture
 from finetune_jax.models import attention
 from finetune_jax.models import host_init
 
@@ -113,11 +114,8 @@ def block_names(config: dict) -> tuple[str, ...]:
 
 
 def build(config: dict) -> 'GPT2':
-  return GPT2(**{k: config[k] for k in (
-      'vocab_size', 'max_position_embeddings', 'hidden_size', 'num_layers',
-      'num_heads', 'intermediate_size', 'activation', 'layer_norm_eps',
-      'tie_word_embeddings', 'embd_pdrop', 'attn_pdrop', 'resid_pdrop',
-      'scale_attn_by_inverse_layer_idx')})
+  """The module of `config`, whose architecture keys are the module's fields."""
+  return architecture.build_module(GPT2, config)
 
 
 # ------------------------------------------------------------------- init

@@ -153,12 +153,10 @@ registry.register_alias(
     'llama-tiny', functools.partial(load_random, variant='tiny'),
     'Llama, tiny random init (2 layers, width 32, 4 heads / 2 kv heads, '
     'byte-level vocab 257, tied; tests)')
-registry.register_checkpoint_loader('llama', ['hf_dir'], _claims_hf_dir, load_hf_dir)
-registry.register_checkpoint_loader('llama', ['gguf'], _claims_gguf, load_gguf)
 
 
 ARCHITECTURE = architecture.register(architecture.Architecture(
-    'llama', title='Llama', build=llama.build,
+    'llama', title='Llama', module=llama.LlamaForCausalLM,
     init=lambda module, config, seed, draw: llama.init_params(module, seed, draw),
     blocks=llama.block_names, head='lm_head',
     roles={'q': r'self_attn/q_proj$', 'k': r'self_attn/k_proj$', 'v': r'self_attn/v_proj$',
@@ -168,4 +166,6 @@ ARCHITECTURE = architecture.register(architecture.Architecture(
     hf=architecture.HFLayout(
         lambda p, c, prefix: convert_llama.params_to_hf(p, c),
         lambda path, c, prefix: convert_llama.hf_name(path),
-        convert_llama.hf_config, ('model.',) * 2, ('CAUSAL_LM',) * 2)))
+        convert_llama.hf_config, ('model.',) * 2, ('CAUSAL_LM',) * 2),
+    readers=(architecture.Reader(('hf_dir',), _claims_hf_dir, load_hf_dir),
+             architecture.Reader(('gguf',), _claims_gguf, load_gguf))))

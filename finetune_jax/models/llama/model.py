@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax.models import architecture
 from finetune_jax.models import attention
 from finetune_jax.models import host_init
 
@@ -150,11 +151,8 @@ def block_names(config: dict) -> tuple[str, ...]:
 
 
 def build(config: dict) -> 'LlamaForCausalLM':
-  return LlamaForCausalLM(**{k: config[k] for k in (
-      'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
-      'head_dim', 'intermediate_size', 'max_position_embeddings', 'rope_theta',
-      'rms_norm_eps', 'tie_word_embeddings', 'qkv_bias', 'o_bias', 'mlp_bias',
-      'sliding_window', 'attention_dropout', 'initializer_range')})
+  """The module of `config`, whose architecture keys are the module's fields."""
+  return architecture.build_module(LlamaForCausalLM, config)
 
 
 # ------------------------------------------------------------------- init

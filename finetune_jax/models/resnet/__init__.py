@@ -180,7 +180,7 @@ def _claims_keras(path: str) -> bool:
   return any(k.startswith('conv2_block1_1_conv/') for k in _read_keras(path, shapes_only=True))
 
 
-# ------------------------------------------------------------------ registry
+# ------------------------------------------------------------------ aliases and architecture
 
 for _name in ('resnet18', 'resnet34', 'resnet50', 'resnet101'):
   _block, _sizes = resnet.DEPTHS[_name]
@@ -191,13 +191,12 @@ for _name in ('resnet18', 'resnet34', 'resnet50', 'resnet101'):
 registry.register_alias(
     'resnet-tiny', functools.partial(load_random, variant='tiny'),
     'ResNet, tiny random init (4 one-block bottleneck stages, 32 px; tests)')
-registry.register_checkpoint_loader(
-    'resnet', ['torch', 'safetensors'], _claims_state_dict, load_state_dict)
-registry.register_checkpoint_loader('resnet', ['hf_dir'], _claims_hf_dir, load_hf_dir)
-registry.register_checkpoint_loader('resnet', ['keras_h5'], _claims_keras, load_keras)
 
 
 ARCHITECTURE = architecture.register(architecture.Architecture(
-    'resnet', title='ResNet', roles={'conv': r'_block\d+/conv\d$'}, build=resnet.build,
+    'resnet', title='ResNet', roles={'conv': r'_block\d+/conv\d$'}, module=resnet.ResNet,
     init=lambda module, config, seed, draw: resnet.init_params(module, seed, draw),
-    blocks=resnet.block_names, preprocess=resnet.make_preprocess))
+    blocks=resnet.block_names, preprocess=resnet.make_preprocess,
+    readers=(architecture.Reader(('torch', 'safetensors'), _claims_state_dict, load_state_dict),
+             architecture.Reader(('hf_dir',), _claims_hf_dir, load_hf_dir),
+             architecture.Reader(('keras_h5',), _claims_keras, load_keras))))

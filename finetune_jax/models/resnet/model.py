@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax.models import architecture
 from finetune_jax.models import host_init
 from finetune_jax.models import layers
 from finetune_jax.models import preprocessing
@@ -121,13 +122,8 @@ def block_names(config: dict) -> tuple[str, ...]:
 
 
 def build(config: dict) -> 'ResNet':
-  return ResNet(
-      block=config['block'], stage_sizes=tuple(config['stage_sizes']),
-      stage_features=tuple(config['stage_features']),
-      stem_features=config['stem_features'], num_classes=config['num_classes'],
-      first_stage_stride=config['first_stage_stride'],
-      stride_in_1x1=config['stride_in_1x1'], conv_bias=config['conv_bias'],
-      bn_epsilon=config['bn_epsilon'], dropout_rate=config['dropout_rate'])
+  """The module of `config`, whose architecture keys are the module's fields."""
+  return architecture.build_module(ResNet, config)
 
 
 def make_preprocess(config: dict):

@@ -102,10 +102,10 @@ registry.register_alias(
     'vgg-tiny', functools.partial(load_random, variant='tiny', head_hidden=(16,),
                                   head_dropout=0.5),
     'VGG, two tiny blocks, random init, Dense(16) head MLP (tests)')
-registry.register_checkpoint_loader('vgg', ['keras_h5'], _claims, load_keras)
 
 
 ARCHITECTURE = architecture.register(architecture.Architecture(
-    'vgg', title='VGG', roles={'conv': r'^block\d+_conv\d+$'}, build=vgg.build,
+    'vgg', title='VGG', roles={'conv': r'^block\d+_conv\d+$'}, module=vgg.VGG,
     init=lambda module, config, seed, draw: vgg.init_params(module, seed, draw),
-    blocks=vgg.block_names, preprocess=vgg.make_preprocess))
+    blocks=vgg.block_names, preprocess=vgg.make_preprocess,
+    readers=(architecture.Reader(('keras_h5',), _claims, load_keras),)))

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax.models import architecture
 from finetune_jax.models import host_init
 from finetune_jax.models import preprocessing
 
@@ -87,17 +88,9 @@ def block_names(config: dict) -> tuple[str, ...]:
   return (*conv_names(config['stages']), *top)
 
 
-def build(config: dict, conv_impl: str = 'auto') -> 'VGG':
-  return VGG(
-      conv_impl=conv_impl,
-      stages=tuple(tuple(s) for s in config['stages']),
-      include_top=config['include_top'],
-      fc_features=tuple(config['fc_features']),
-      image_size=config['image_size'],
-      pooling=config['pooling'],
-      num_classes=config['num_classes'],
-      head_hidden=tuple(config['head_hidden']),
-      head_dropout=config['head_dropout'])
+def build(config: dict) -> 'VGG':
+  """The module of `config`, whose architecture keys are the module's fields."""
+  return architecture.build_module(VGG, config)
 
 
 def make_preprocess(config: dict):

@@ -113,12 +113,10 @@ for _variant, _description in _RANDOM.items():
                           functools.partial(load_random, variant=_variant), _description)
 registry.register_alias('vit-tiny', functools.partial(load_random, variant='tiny'),
                         'ViT, tiny random init (2 blocks, width 32, patch 8, 32 px; tests)')
-registry.register_checkpoint_loader('vit', ['hf_dir'], _claims_hf_dir, load_hf_dir)
-registry.register_checkpoint_loader('vit', ['npz'], _claims_npz, load_npz)
 
 
 ARCHITECTURE = architecture.register(architecture.Architecture(
-    'vit', title='ViT', build=vit.build,
+    'vit', title='ViT', module=vit.VisionTransformer,
     init=lambda module, config, seed, draw: vit.init_params(module, seed, draw),
     blocks=vit.block_names, preprocess=vit.make_preprocess,
     roles={'q': r'attention/query$', 'k': r'attention/key$', 'v': r'attention/value$',
@@ -130,4 +128,6 @@ ARCHITECTURE = architecture.register(architecture.Architecture(
         extra_modules=lambda c, has_head: (
             set() if has_head or c.get('representation_size') else {'pooler.dense'}),
         extra_files={'preprocessor_config.json': convert_vit.hf_preprocessor_config},
-        v5_renames=convert_vit.V5_MODULE_RENAMES)))
+        v5_renames=convert_vit.V5_MODULE_RENAMES),
+    readers=(architecture.Reader(('hf_dir',), _claims_hf_dir, load_hf_dir),
+             architecture.Reader(('npz',), _claims_npz, load_npz))))

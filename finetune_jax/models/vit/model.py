@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax.models import architecture
 from finetune_jax.models import host_init
 from finetune_jax.models import layers
 from finetune_jax.models import preprocessing
@@ -140,11 +141,8 @@ def block_names(config: dict) -> tuple[str, ...]:
 
 
 def build(config: dict) -> 'VisionTransformer':
-  return VisionTransformer(**{k: config[k] for k in (
-      'image_size', 'patch_size', 'hidden_size', 'num_layers', 'num_heads',
-      'mlp_dim', 'num_classes', 'classifier', 'layer_norm_eps',
-      'gelu_approximate', 'qkv_bias', 'representation_size', 'dropout_rate',
-      'attention_dropout_rate')})
+  """The module of `config`, whose architecture keys are the module's fields."""
+  return architecture.build_module(VisionTransformer, config)
 
 
 def make_preprocess(config: dict):
