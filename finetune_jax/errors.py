@@ -5,6 +5,16 @@ tests (and scripts) check what went wrong without parsing the wording; the
 CLI prints the message as one line (`python -m finetune_jax.main --verbose`
 adds the traceback).
 """
+import difflib
+import re
+from typing import Sequence
+
+
+def nearest(pattern: str, names: Sequence[str], n: int = 8) -> list[str]:
+  """The names that look most like `pattern` (a regex or a name), for `NoMatch`."""
+  literal = re.sub(r'[\^$\\.*+?()\[\]{}|]', '', pattern)
+  close = difflib.get_close_matches(literal, names, n=n, cutoff=0.0)
+  return close or list(names[:n])
 
 
 class ConfigError(ValueError):
@@ -30,6 +40,11 @@ class CheckpointError(ValueError):
     where = f'{file} ({key})' if key else file
     super().__init__(f'{where}: {why}')
     self.file, self.key, self.why = file, key, why
+
+
+class UnsafeCheckpointError(CheckpointError):
+  """A pickled checkpoint holds objects other than tensors and plain containers;
+  nothing in it is run."""
 
 
 class DataError(ValueError):

@@ -11,7 +11,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from finetune_jax import models
-from finetune_jax.formats.hf_dir import CheckpointFileError
+from finetune_jax.errors import CheckpointError
 from finetune_jax.models import bert as zoo_bert
 from finetune_jax.models.bert import convert as convert_bert
 from finetune_jax.models.bert import model as bert
@@ -277,16 +277,17 @@ def test_bad_hf_dirs_fail_loudly(hf_model, tmp_path):
   garbled = _copy_dir(src, tmp_path / 'garbled')
   with open(os.path.join(garbled, 'model.safetensors'), 'r+b') as f:
     f.write(b'\xff' * 8)  # the header length
-  with pytest.raises(CheckpointFileError, match=r'garbled/model.safetensors is not a readable '
-                                                r'safetensors file .*download or export it again'):
+  with pytest.raises(CheckpointError, match=r'not a readable safetensors file .*download or '
+                                            r'export it again') as e:
     models.load_pretrained(garbled)
+  assert e.value.file == os.path.join(garbled, 'model.safetensors')
 
   # Pre-training heads (cls.*) are dropped by design; anything else unknown is an error.
   extra = _copy_dir(src, tmp_path / 'extra', edit=lambda t: {
       **t, 'cls.predictions.bias': np.zeros(99, np.float32),
       'encoder.layer.0.adapter.weight': np.zeros((4, 32), np.float32)})
-  with pytest.raises(ValueError, match=r"extra: 1 tensors have no BERT parameter: "
-                                       r"\['encoder.layer.0.adapter.weight'\]"):
+  with pytest.raises(CheckpointError, match=r"1 tensors have no BERT parameter: "
+                                            r"\['encoder.layer.0.adapter.weight'\]"):
     models.load_pretrained(extra)
 
   mixed = _copy_dir(src, tmp_path / 'mixed', edit=lambda t: {
@@ -298,8 +299,9 @@ def test_bad_hf_dirs_fail_loudly(hf_model, tmp_path):
 
   no_layer = _copy_dir(src, tmp_path / 'no_layer', edit=lambda t: {
       k: v for k, v in t.items() if '.layer.1.' not in k})
-  with pytest.raises(ValueError, match=r"no_layer lacks 16 parameters .*'layer_1/"):
+  with pytest.raises(CheckpointError, match=r"lacks 16 parameters .*'layer_1/") as e:
     models.load_pretrained(no_layer)
+  assert e.value.file == no_layer
 
   no_pooler = _copy_dir(src, tmp_path / 'no_pooler', edit=lambda t: {
       k: v for k, v in t.items() if not k.startswith('pooler.')})

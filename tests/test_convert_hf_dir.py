@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from finetune_jax import errors
 from finetune_jax.formats import hf_dir
 
 
@@ -35,8 +36,10 @@ def test_single_and_sharded_dirs_read_the_same(tmp_path):
 def test_corrupt_header_and_missing_weights_are_named(tmp_path):
   d = write_dir(tmp_path / 'm', [{'x': np.ones(2, np.float32)}])
   (d / 'model.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{garbage')
-  with pytest.raises(hf_dir.CheckpointFileError, match='model.safetensors is not a readable'):
+  with pytest.raises(errors.CheckpointError, match='not a readable safetensors') as e:
     hf_dir.read_hf_dir(str(d))
+  assert e.value.file == str(d / 'model.safetensors') and e.value.key is None
   (d / 'model.safetensors').unlink()
-  with pytest.raises(hf_dir.CheckpointFileError, match='has no \\*.safetensors weights'):
+  with pytest.raises(errors.CheckpointError, match='no \\*.safetensors weights') as e:
     hf_dir.read_hf_dir(str(d))
+  assert e.value.file == str(d)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from finetune_jax.formats import CheckpointFormatError
+from finetune_jax.errors import CheckpointError
+from finetune_jax.errors import UnsafeCheckpointError
 from finetune_jax.formats import load_torch_state_dict
 from finetune_jax.formats import read_torch_checkpoint
-from finetune_jax.formats import UnsafeCheckpointError
 from finetune_jax.models.efficientnet_lite import convert as convert_lite
 
 
@@ -133,8 +133,9 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, how):
 ], ids=['dict_state', 'slot_state', 'function'])
 def test_pickle_cannot_tamper_with_loader_objects(tmp_path, payload):
   (tmp_path / 'evil.pth').write_bytes(payload)
-  with pytest.raises(ValueError):
+  with pytest.raises(CheckpointError) as e:  # UnsafeCheckpointError where setattr is caught
     load_torch_state_dict(tmp_path / 'evil.pth')
+  assert e.value.file == str(tmp_path / 'evil.pth')  # named, although raised deep inside
   torch.save({'w': torch.ones(3)}, tmp_path / 'ok.pth')  # later loads unaffected
   np.testing.assert_array_equal(load_torch_state_dict(tmp_path / 'ok.pth')['w'], np.ones(3))
 
@@ -153,8 +154,9 @@ def test_truncated_file_is_refused_clearly(tmp_path, zip_format):
   data = path.read_bytes()
   for cut in (len(data) // 3, len(data) - 40):
     path.write_bytes(data[:cut])
-    with pytest.raises(CheckpointFormatError, match='truncated'):
+    with pytest.raises(CheckpointError, match='truncated') as e:
       load_torch_state_dict(path)
+    assert e.value.file == str(path) and not isinstance(e.value, UnsafeCheckpointError)
 
 
 def test_zip_with_short_storage_record_is_refused(tmp_path):
@@ -167,23 +169,23 @@ def test_zip_with_short_storage_record_is_refused(tmp_path):
   with zipfile.ZipFile(path, 'w') as dst:
     for name, data in records.items():
       dst.writestr(name, data)
-  with pytest.raises(CheckpointFormatError, match='truncated or corrupt'):
+  with pytest.raises(CheckpointError, match='truncated or corrupt'):
     load_torch_state_dict(path)
 
 
 def test_foreign_files_are_refused(tmp_path):
   (tmp_path / 'noise.bin').write_bytes(np.random.default_rng(0).bytes(256))
-  with pytest.raises(CheckpointFormatError, match='not a PyTorch checkpoint'):
+  with pytest.raises(CheckpointError, match='not a PyTorch checkpoint'):
     load_torch_state_dict(tmp_path / 'noise.bin')
   with zipfile.ZipFile(tmp_path / 'other.pt', 'w') as z:
     z.writestr('readme.txt', 'hello')
-  with pytest.raises(CheckpointFormatError, match='data.pkl'):
+  with pytest.raises(CheckpointError, match='data.pkl'):
     load_torch_state_dict(tmp_path / 'other.pt')
   with pytest.raises(FileNotFoundError):
     load_torch_state_dict(tmp_path / 'missing.pth')
   (tmp_path / 'list.pth').write_bytes(b'')
   torch.save([torch.ones(1)], tmp_path / 'list.pth')
-  with pytest.raises(CheckpointFormatError, match='not a state dict'):
+  with pytest.raises(CheckpointError, match='not a state dict'):
     load_torch_state_dict(tmp_path / 'list.pth')
 
 

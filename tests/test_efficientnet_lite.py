@@ -9,6 +9,7 @@ import pytest
 import torch
 from flax import traverse_util
 
+from finetune_jax import errors
 from finetune_jax import models
 from finetune_jax.models import load_into
 from finetune_jax.models.efficientnet_lite import convert as convert_lite
@@ -240,8 +241,9 @@ def test_unknown_alias_lists_the_known_ones():
 def test_load_into_errors_name_the_problem():
   init = {'a': {'kernel': jnp.zeros((2, 3))}, 'head': {'bias': jnp.zeros(4)}}
   loaded = {'a': {'kernel': np.ones((2, 3))}, 'head': {'bias': np.ones(5)}}
-  with pytest.raises(ValueError, match=r"head/bias: \(5,\) in ckpt.pth vs \(4,\)"):
+  with pytest.raises(errors.CheckpointError, match=r"head/bias: \(5,\) in the file vs \(4,\)") as e:
     load_into(init, loaded, source='ckpt.pth')
+  assert e.value.file == 'ckpt.pth'
   merged = load_into(init, loaded, dont_load=['^head/'], source='ckpt.pth')
   np.testing.assert_array_equal(merged['a']['kernel'], np.ones((2, 3)))
   np.testing.assert_array_equal(merged['head']['bias'], np.zeros(4))
@@ -249,5 +251,6 @@ def test_load_into_errors_name_the_problem():
     load_into(init, {**loaded, 'extra': {'w': np.ones(1)}}, ['^head/'])
   with pytest.raises(ValueError, match=r"lacks 1 parameters of the model: \['a/kernel'\]"):
     load_into(init, {'head': loaded['head']}, ['^head/'])
-  with pytest.raises(ValueError, match='matches no parameter'):
+  with pytest.raises(errors.NoMatch, match='matches no parameter') as e:
     load_into(init, loaded, ['^nothing/'])
+  assert (e.value.option, e.value.pattern) == ('dont_load', '^nothing/')

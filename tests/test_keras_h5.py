@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from finetune_jax.formats import keras_h5
-from finetune_jax.formats.hf_dir import CheckpointFileError
+from finetune_jax.errors import CheckpointError
 
 keras = pytest.importorskip('keras')
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')  # inside keras
@@ -134,5 +134,5 @@ def test_bad_files_raise_one_clear_error(saved, tmp_path, damage):
     path.write_text('not a Keras file')
   elif damage == 'empty_hdf5':
     h5py.File(path, 'w').close()
-  with pytest.raises(CheckpointFileError, match=str(path)):
+  with pytest.raises(CheckpointError, match=str(path)):
     keras_h5.read_keras_weights(path)

@@ -14,7 +14,7 @@ import pytest
 
 from finetune_jax import models
 from finetune_jax.formats import keras_h5
-from finetune_jax.formats.hf_dir import CheckpointFileError
+from finetune_jax.errors import CheckpointError
 from finetune_jax.models import loading
 from finetune_jax.models import vgg as zoo_vgg
 from finetune_jax.models.vgg import convert as convert_vgg
@@ -338,7 +338,7 @@ def test_truncated_file_names_the_file(keras_notop, tmp_path):
   path = tmp_path / 'vgg16.weights.h5'
   data = (keras_notop['dir'] / 'vgg16.weights.h5').read_bytes()
   path.write_bytes(data[:len(data) // 3])
-  with pytest.raises(CheckpointFileError, match=str(path)):
+  with pytest.raises(CheckpointError, match=str(path)):
     models.load_pretrained(str(path))
 
 
@@ -363,8 +363,9 @@ def test_shape_mismatch_and_unknown_layers_are_refused(keras_notop, tmp_path):
     assert conv.attrs['name'] == 'block3_conv2'
     del conv['1']
     conv['1'] = np.zeros((128,), np.float32)
-  with pytest.raises(ValueError, match=r'Shape mismatch.*block3_conv2/bias: \(128,\)'):
+  with pytest.raises(CheckpointError, match=r'shape mismatch.*block3_conv2/bias: \(128,\)') as e:
     models.load_pretrained(str(path))
+  assert e.value.file == str(path)
   # HED's extra layers are only dropped as the complete set.
   weights = {k: v for k, v in _hed_extra_weights().items() if not k.startswith('conv2d_5/')}
   with pytest.raises(ValueError, match=r"conv2d/kernel"):

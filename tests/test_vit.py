@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from finetune_jax import models
 from hf_files import copy_hf_dir
-from finetune_jax.formats.hf_dir import CheckpointFileError
+from finetune_jax.errors import CheckpointError
 from finetune_jax.models import vit as zoo_vit
 from finetune_jax.models.vit import convert as convert_vit
 from finetune_jax.models.vit import model as vit
@@ -324,20 +324,25 @@ def test_bad_hf_dirs_fail_loudly(hf_classifier, tmp_path):
   weights = os.path.join(truncated, 'model.safetensors')
   with open(weights, 'r+b') as f:
     f.truncate(os.path.getsize(weights) // 2)
-  with pytest.raises(CheckpointFileError, match='model.safetensors is not a readable'):
+  with pytest.raises(CheckpointError, match='not a readable safetensors') as e:
     models.load_pretrained(truncated)
+  assert e.value.file == weights
   no_block = copy_hf_dir(src, tmp_path / 'no_block', edit=lambda t: {
       k: v for k, v in t.items() if '.layer.1.' not in k})
-  with pytest.raises(ValueError, match=r"no_block lacks 16 parameters .*'encoderblock_1/"):
+  with pytest.raises(CheckpointError, match=r"lacks 16 parameters .*'encoderblock_1/") as e:
     models.load_pretrained(no_block)
+  assert e.value.file == no_block
   shape = copy_hf_dir(src, tmp_path / 'shape', config={'intermediate_size': 48})
-  with pytest.raises(ValueError, match=r'Shape mismatch .*encoderblock_0/mlp/fc1/kernel: '
-                                       r'\(32, 64\) in .*shape vs \(32, 48\)'):
+  with pytest.raises(CheckpointError, match=r'shape mismatch: .*encoderblock_0/mlp/fc1/kernel: '
+                                            r'\(32, 64\) in the file vs \(32, 48\)') as e:
     models.load_pretrained(shape)
+  assert e.value.file == shape
   extra = copy_hf_dir(src, tmp_path / 'extra', edit=lambda t: {
       **t, 'vit.embeddings.mask_token': np.zeros((1, 1, 32), np.float32)})
-  with pytest.raises(ValueError, match=r"1 tensors have no ViT parameter: \['vit.embeddings.mask_token'\]"):
+  with pytest.raises(CheckpointError, match=r"1 tensors have no ViT parameter: "
+                                            r"\['vit.embeddings.mask_token'\]") as e:
     models.load_pretrained(extra)
+  assert e.value.file.startswith(extra)
   with pytest.raises(ValueError, match='hidden_act=.relu. is not supported'):
     models.load_pretrained(copy_hf_dir(src, tmp_path / 'relu', config={'hidden_act': 'relu'}))
   other = copy_hf_dir(src, tmp_path / 'whisper', config={'model_type': 'whisper'})
@@ -351,13 +356,13 @@ def test_bad_npz_files_fail_loudly(ours, tmp_path):
   arrays = dict(np.load(path))
   truncated = tmp_path / 'truncated.npz'
   truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-  with pytest.raises(CheckpointFileError, match='truncated.npz is not a readable .npz'):
-    models.load_pretrained(str(truncated))
-  with pytest.raises(CheckpointFileError, match='truncated.npz is not a readable .npz'):
-    _load(truncated)
+  for load in (models.load_pretrained, _load):
+    with pytest.raises(CheckpointError, match='not a readable .npz') as e:
+      load(str(truncated))
+    assert e.value.file == str(truncated)
   with open(tmp_path / 'single.npz', 'wb') as f:
     np.save(f, np.zeros(3))
-  with pytest.raises(CheckpointFileError, match='single array'):
+  with pytest.raises(CheckpointError, match='single array'):
     models.load_pretrained(str(tmp_path / 'single.npz'))
   # Width 32 is no standard ViT: the head count must be given.
   with pytest.raises(ValueError, match='width 32 is not a standard ViT width.*num_heads='):

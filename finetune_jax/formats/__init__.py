@@ -3,17 +3,17 @@
   torch_state_dict  PyTorch .pth/.pt/.bin files, unpickled without running code
   keras_h5          Keras 2 and Keras 3 .h5 weight files
   hf_dir            Hugging Face dirs: config.json, safetensors (+ index)
+  gguf              llama.cpp GGUF files: metadata, dequantised tensors, tokenizer
   mapping           what the per-architecture key maps share (templates, checks)
 
 Architectures turn what these return into their params (`models/<arch>/convert.py`)
-and say which of `FORMATS` they read (`Architecture.readers`).
+and say which of `FORMATS` they read (`Architecture.readers`). A file that
+cannot be read raises `errors.CheckpointError` (file, why, key).
 """
 import os
 
-from finetune_jax.formats.torch_state_dict import CheckpointFormatError
 from finetune_jax.formats.torch_state_dict import load_torch_state_dict
 from finetune_jax.formats.torch_state_dict import read_torch_checkpoint
-from finetune_jax.formats.torch_state_dict import UnsafeCheckpointError
 
 # A checkpoint path -> its format: the first test that holds.
 FORMATS = {
@@ -31,5 +31,4 @@ def format_of(path: str) -> str | None:
   return next((name for name, test in FORMATS.items() if test(path)), None)
 
 
-__all__ = ['FORMATS', 'format_of', 'CheckpointFormatError', 'UnsafeCheckpointError', 'load_torch_state_dict',
-           'read_torch_checkpoint']
+__all__ = ['FORMATS', 'format_of', 'load_torch_state_dict', 'read_torch_checkpoint']

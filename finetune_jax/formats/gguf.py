@@ -29,7 +29,7 @@ from tokenizers import normalizers
 from tokenizers import pre_tokenizers
 from tokenizers import processors
 
-from finetune_jax.formats.hf_dir import CheckpointFileError
+from finetune_jax import errors
 
 SUPPORTED_TYPES = (_Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1,
                    _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K)
@@ -88,22 +88,22 @@ class _Reader(gguf.GGUFReader):
 
 
 def open_gguf(path: str) -> gguf.GGUFReader:
-  """A `gguf.GGUFReader`, with unreadable files as CheckpointFileError."""
+  """A `gguf.GGUFReader`, with unreadable files as `errors.CheckpointError`."""
   try:
     reader = _Reader(path)
   except (ValueError, KeyError, IndexError, TypeError, OSError, UnicodeDecodeError,
           struct.error) as e:
-    raise CheckpointFileError(
-        f'{path} is not a readable GGUF file ({type(e).__name__}: {e}). It may be '
+    raise errors.CheckpointError(
+        path, f'not a readable GGUF file ({type(e).__name__}: {e}). It may be '
         'truncated or corrupt, or not a GGUF file: download or export it again.') from None
   if reader.byte_order != 'I':
-    raise CheckpointFileError(
-        f'{path} is a GGUF file for the other byte order (big-endian); convert it to '
+    raise errors.CheckpointError(
+        path, 'a GGUF file for the other byte order (big-endian); convert it to '
         'little-endian with gguf-py\'s gguf_convert_endian.py.')
   splits = metadata(reader, 'split.count', path, default=1)
   if splits > 1:
-    raise CheckpointFileError(
-        f'{path} is one of {splits} shards of a split GGUF model; merge them first: '
+    raise errors.CheckpointError(
+        path, f'one of {splits} shards of a split GGUF model; merge them first: '
         '`llama-gguf-split --merge first-shard.gguf merged.gguf`.')
   return reader
 
@@ -159,8 +159,8 @@ def metadata(reader, key: str, path: str, default=REQUIRED):
   field = reader.get_field(key)
   if field is None:
     if default is REQUIRED:
-      raise CheckpointFileError(f'{path} lacks the GGUF metadata key {key!r}; re-export it '
-                                'with a current llama.cpp convert_hf_to_gguf.py.')
+      raise errors.CheckpointError(path, 'a required GGUF metadata key is missing; re-export '
+                                   'it with a current llama.cpp convert_hf_to_gguf.py.', key=key)
     return default
   value = field.contents()
   if field.types and field.types[0] == gguf.GGUFValueType.FLOAT32:
@@ -173,16 +173,16 @@ def dequantize(tensor, path: str = '<gguf>') -> np.ndarray:
   qtype = tensor.tensor_type
   if qtype not in SUPPORTED_TYPES:
     names = ', '.join(t.name for t in SUPPORTED_TYPES)
-    raise ValueError(
-        f'{path}: tensor {tensor.name!r} has GGUF type {qtype.name}, which this loader cannot '
+    raise errors.CheckpointError(
+        path, key=tensor.name, why=f'GGUF type {qtype.name}, which this loader cannot '
         f'dequantise (supported: {names}). Re-export the model with a supported type, e.g. '
         '`llama-quantize --allow-requantize model.gguf model-Q8_0.gguf Q8_0`, or convert '
         'the HF checkpoint with `convert_hf_to_gguf.py --outtype f16` (or q8_0).')
   values = gguf.quants.dequantize(tensor.data, qtype)
   shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
   if values.shape != shape:
-    raise CheckpointFileError(f'{path}: tensor {tensor.name!r} dequantised to shape '
-                              f'{values.shape}, expected {shape}; the file may be corrupt.')
+    raise errors.CheckpointError(path, f'dequantised to shape {values.shape}, expected {shape}; '
+                                 'the file may be corrupt.', key=tensor.name)
   # F32 comes back as a view of the memory-mapped file: own it.
   return np.array(values, dtype=np.float32, copy=True) if qtype == _Q.F32 else values
 
@@ -190,15 +190,18 @@ def dequantize(tensor, path: str = '<gguf>') -> np.ndarray:
 # ---------------------------------------------------------------- tokenizer
 
 
-def tokenizer(reader, path: str) -> tokenizers.Tokenizer:
-  """The file's vocabulary as a `tokenizers.Tokenizer`, with BOS/EOS as llama.cpp adds them."""
+def tokenizer(reader, path: str) -> tokenizers.Tokenizer | None:
+  """The file's vocabulary as a `tokenizers.Tokenizer`, with BOS/EOS as llama.cpp adds them.
+
+  None for a file without one: its weights load, as an HF dir without
+  tokenizer.json does, and only a task that needs text says so.
+  """
   def get(key, default=REQUIRED):
     return metadata(reader, f'tokenizer.ggml.{key}', path, default)
 
   kind = get('model', None)
   if kind is None or reader.get_field('tokenizer.ggml.tokens') is None:
-    raise CheckpointFileError(f'{path} carries no tokenizer (no tokenizer.ggml.model/tokens); '
-                              'export it with its vocabulary (convert_hf_to_gguf.py does).')
+    return None
   tokens = reader.get_field('tokenizer.ggml.tokens').contents()
   types_field = reader.get_field('tokenizer.ggml.token_type')
   types = types_field.contents() if types_field is not None else [_TOKEN_NORMAL] * len(tokens)
@@ -210,14 +213,15 @@ def tokenizer(reader, path: str) -> tokenizers.Tokenizer:
   elif kind == 'llama':
     scores = get('scores', None)
     if scores is None:
-      raise CheckpointFileError(f'{path}: a SentencePiece ("llama") vocabulary without '
-                                'tokenizer.ggml.scores; re-export the GGUF file.')
+      raise errors.CheckpointError(path, 'a SentencePiece ("llama") vocabulary without '
+                                   'tokenizer.ggml.scores; re-export the GGUF file.')
     unk = get('unknown_token_id', None)
     tok = _spm_tokenizer(tokens, scores, types, unk, get('add_space_prefix', True))
     add_bos_default = True
   else:
-    raise ValueError(f'{path}: tokenizer.ggml.model {kind!r} is not supported; supported are '
-                     '"gpt2" (byte-level BPE) and "llama" (SentencePiece BPE).')
+    raise errors.CheckpointError(path, f'tokenizer.ggml.model {kind!r} is not supported; '
+                                 'supported are "gpt2" (byte-level BPE) and "llama" '
+                                 '(SentencePiece BPE).')
 
   # Control tokens (and the named specials) are matched whole before
   # pre-tokenization and skipped when decoding; user-defined ones are matched

@@ -12,30 +12,44 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for bf16 tensors)
 import numpy as np
 import safetensors
 import safetensors.numpy
+import tokenizers
+
+from finetune_jax import errors
 
 INDEX = 'model.safetensors.index.json'
-
-
-class CheckpointFileError(ValueError):
-  """A checkpoint file that cannot be read as what it claims to be."""
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   try:
     return safetensors.numpy.load_file(path)
   except (safetensors.SafetensorError, OSError) as e:
-    raise CheckpointFileError(
-        f'{path} is not a readable safetensors file ({e}). It may be truncated '
-        'or corrupt: download or export it again.') from None
+    raise errors.CheckpointError(
+        path, f'not a readable safetensors file ({e}). It may be truncated or '
+        'corrupt: download or export it again.') from None
 
 
-def read_config(model_dir: str) -> dict:
-  path = os.path.join(model_dir, 'config.json')
+def read_json(path: str) -> dict:
   try:
     with open(path) as f:
       return json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointFileError(f'{path}: cannot read the model config ({e}).') from None
+    raise errors.CheckpointError(path, f'cannot read it as JSON ({e}).') from None
+
+
+def read_config(model_dir: str) -> dict:
+  return read_json(os.path.join(model_dir, 'config.json'))
+
+
+def read_tokenizer(model_dir: str) -> tokenizers.Tokenizer | None:
+  """The dir's tokenizer.json, or None without one (only tasks on text need it)."""
+  path = os.path.join(model_dir, 'tokenizer.json')
+  if not os.path.exists(path):
+    return None
+  try:
+    return tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+    raise errors.CheckpointError(path, f'not a readable tokenizer ({e}). Save it again with '
+                                 '`tokenizer.save_pretrained(dir)`.') from None
 
 
 def safetensors_files(model_dir: str) -> list[str]:
@@ -47,13 +61,13 @@ def safetensors_files(model_dir: str) -> list[str]:
     files = [os.path.join(model_dir, s) for s in shards]
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
-      raise CheckpointFileError(f'{index} names shards that are missing: {missing}.')
+      raise errors.CheckpointError(index, f'names shards that are missing: {missing}.')
     return files
   files = sorted(os.path.join(model_dir, f) for f in os.listdir(model_dir)
                  if f.endswith('.safetensors'))
   if not files:
-    raise CheckpointFileError(
-        f'{model_dir} has no *.safetensors weights. Save the model with '
+    raise errors.CheckpointError(
+        model_dir, 'no *.safetensors weights. Save the model with '
         '`save_pretrained(dir, safe_serialization=True)`.')
   return files
 
@@ -63,6 +77,6 @@ def read_hf_dir(model_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
   for path in safetensors_files(model_dir):
     for name, value in read_safetensors(path).items():
       if name in tensors:
-        raise CheckpointFileError(f'{name} appears in more than one shard of {model_dir}.')
+        raise errors.CheckpointError(model_dir, 'in more than one shard.', key=name)
       tensors[name] = value
   return read_config(model_dir), tensors

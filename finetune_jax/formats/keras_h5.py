@@ -36,7 +36,7 @@ i.e. the owning layer's name and the variable's, as in Keras 3 files; a bare
 'kernel:0' is keyed by its layer group's name.
 
 A file that is not HDF5, is truncated, or holds no weights raises one
-`CheckpointFileError` naming the file. Keys are unique; a clash raises too.
+`errors.CheckpointError` naming the file. Keys are unique; a clash raises too.
 """
 import os
 import re
@@ -45,7 +45,7 @@ import h5py
 import ml_dtypes
 import numpy as np
 
-from finetune_jax.formats.hf_dir import CheckpointFileError
+from finetune_jax import errors
 
 # Keras 3 layer class (snake case, as Keras names groups) -> its variables in
 # saved order, and how many leading ones are required (bias is optional).
@@ -96,7 +96,7 @@ def _decode(value) -> str:
 
 def _put(out: dict, key: str, value: np.ndarray, path: str) -> None:
   if key in out:
-    raise CheckpointFileError(f'{path}: two weights are both keyed {key!r}.')
+    raise errors.CheckpointError(path, 'two weights have this key.', key=key)
   out[key] = value
 
 
@@ -157,7 +157,7 @@ def keras_weight_shapes(path) -> dict[str, tuple[int, ...]]:
 
 def _read(path: str, load) -> dict:
   if not os.path.isfile(path):
-    raise CheckpointFileError(f'{path}: no such file.')
+    raise errors.CheckpointError(path, 'no such file.')
   try:
     with h5py.File(path, 'r') as f:
       if 'model_weights' in f and _is_legacy(f['model_weights']):
@@ -166,15 +166,15 @@ def _read(path: str, load) -> dict:
         weights = _read_legacy(f, path, load)
       else:
         weights = _read_keras3(f, path, load)
-  except CheckpointFileError:
+  except errors.CheckpointError:
     raise
   except (OSError, KeyError, ValueError, RuntimeError) as e:
-    raise CheckpointFileError(
-        f'{path} is not a readable Keras weights file ({type(e).__name__}: {e}). '
+    raise errors.CheckpointError(
+        path, f'not a readable Keras weights file ({type(e).__name__}: {e}). '
         'It may be truncated or not HDF5: save it again with '
         '`model.save_weights("x.weights.h5")`.') from None
   if not weights:
-    raise CheckpointFileError(
-        f'{path} holds no Keras layer weights (neither the Keras 3 '
+    raise errors.CheckpointError(
+        path, 'holds no Keras layer weights (neither the Keras 3 '
         '`layers/<layer>/vars` layout nor a legacy `layer_names` list).')
   return weights

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from finetune_jax import errors
+
 
 def template_regex(template: str, sep: str = '.') -> re.Pattern:
   """Matches '<template><sep><leaf>'; '{i}' in the template is a layer index."""
@@ -30,8 +32,8 @@ def add_lm_head(flat: dict, weight, *, tied: bool, embedding: str, embedding_key
   if not tied:
     flat['lm_head/kernel'] = np.ascontiguousarray(weight.T)
   elif not np.array_equal(weight, flat.get(embedding)):
-    raise ValueError(
-        f'{source}: the config ties the LM head to the token embedding '
+    raise errors.CheckpointError(
+        source, 'the config ties the LM head to the token embedding '
         f'(tie_word_embeddings=true), but lm_head.weight differs from {embedding_key}. '
         'Set "tie_word_embeddings": false in config.json to load the separate head.')
 
@@ -94,8 +96,9 @@ class ParamCollector:
   def add(self, ours: str, key: str, value) -> None:
     """Stores `value` (C-contiguous) at our path `ours`, read from `key`."""
     if ours in self._flat:
-      raise ValueError(f'{self.source}: {key!r} and {self._origin[ours]!r} both map to '
-                       f'{ours!r}; {self.mixed}.')
+      raise errors.CheckpointError(
+          self.source, f'it and {self._origin[ours]!r} both map to {ours!r}; {self.mixed}.',
+          key=key)
     self._flat[ours], self._origin[ours] = np.ascontiguousarray(value), key
 
   def unmapped(self, key: str) -> None:
@@ -107,15 +110,15 @@ class ParamCollector:
     """value.transpose(axes), refusing another rank by key: torch (out, in) -> (in, out)."""
     value = np.asarray(value)
     if value.ndim != len(axes):
-      raise ValueError(f'{self.source}: {key} has shape {value.shape}, not a {what}.')
+      raise errors.CheckpointError(self.source, f'shape {value.shape}, not a {what}.', key=key)
     return value.transpose(axes)
 
   def result(self) -> dict[str, np.ndarray]:
     """The flat params; raises listing the first 20 unmapped keys, if any."""
     if self._unmapped:
-      raise ValueError(
-          f'{self.source}: {len(self._unmapped)} {self.noun} have no {self.family} '
-          f'parameter: {self._unmapped[:20]}. {self.hint}')
+      raise errors.CheckpointError(
+          self.source, f'{len(self._unmapped)} {self.noun} have no {self.family} parameter: '
+          f'{self._unmapped[:20]}. {self.hint}')
     return self._flat
 
 

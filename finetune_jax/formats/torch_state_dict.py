@@ -21,16 +21,20 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from finetune_jax import errors
+
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 _LEGACY_PROTOCOL = 1001
 
 
-class UnsafeCheckpointError(ValueError):
-  """The checkpoint pickles objects other than tensors and plain containers."""
+# Raised inside the reader, which does not know the file's path everywhere;
+# `read_torch_checkpoint` re-raises them as the public errors, naming the file.
+class _Corrupt(Exception):
+  """Not a readable PyTorch checkpoint (truncated, corrupt, other)."""
 
 
-class CheckpointFormatError(ValueError):
-  """The file is not a readable PyTorch checkpoint (truncated, corrupt, other)."""
+class _Unsafe(Exception):
+  """Pickles objects other than tensors and plain containers."""
 
 
 # Element types by torch's names: `torch.FloatStorage` (typed storages) and
@@ -89,7 +93,7 @@ class _Frozen:
   __slots__ = ()
 
   def __setattr__(self, name, value):
-    raise UnsafeCheckpointError(
+    raise _Unsafe(
         f'the checkpoint pickle tries to set attribute {name!r} on a loader '
         f'object; it is not a plain state dict.')
 
@@ -137,10 +141,10 @@ class _Storage(_Frozen):
       item = self.dtype.itemsize
       raw = root.array().view(np.uint8)[offset * item:(offset + self.numel) * item]
       if raw.size != self.numel * item:
-        raise CheckpointFormatError(f'storage view {self.key!r} exceeds its storage.')
+        raise _Corrupt(f'storage view {self.key!r} exceeds its storage.')
       return raw.view(self.dtype)
     if self.data is None:
-      raise CheckpointFormatError(f'storage {self.key!r} has no data in the file.')
+      raise _Corrupt(f'storage {self.key!r} has no data in the file.')
     return self.data
 
 
@@ -155,12 +159,12 @@ class _PendingTensor(_Frozen):
 
   def __init__(self, storage, offset, size, stride, dtype=None):
     if not isinstance(storage, _Storage):
-      raise CheckpointFormatError(
+      raise _Corrupt(
           f'a tensor refers to {type(storage).__name__}, not a storage.')
     size, stride = tuple(size), tuple(stride)
     if not (_is_index_tuple(size) and _is_index_tuple(stride) and
             len(size) == len(stride) and _is_index_tuple((offset,))):
-      raise CheckpointFormatError(
+      raise _Corrupt(
           f'bad tensor layout: size {size!r:.100}, stride {stride!r:.100}, '
           f'offset {offset!r:.100}.')
     self._set(storage=storage, offset=offset, size=size, stride=stride,
@@ -170,7 +174,7 @@ class _PendingTensor(_Frozen):
     flat = self.storage.array()
     if self.dtype != flat.dtype:  # untyped (byte) storage holding `dtype`
       if flat.nbytes % self.dtype.itemsize:
-        raise CheckpointFormatError(
+        raise _Corrupt(
             f'storage {self.storage.key!r} of {flat.nbytes} bytes does not hold '
             f'whole {self.dtype} elements.')
       flat = flat.view(self.dtype)
@@ -178,7 +182,7 @@ class _PendingTensor(_Frozen):
       return np.zeros(self.size, self.dtype)
     last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
     if last >= flat.size:
-      raise CheckpointFormatError(
+      raise _Corrupt(
           f'tensor of size {self.size}, stride {self.stride}, offset {self.offset} '
           f'reads past the end of storage {self.storage.key!r} '
           f'({flat.size} elements): the file is corrupt or truncated.')
@@ -201,7 +205,7 @@ class _Function(_Frozen):
     try:
       return self.fn(*args)
     except TypeError as e:  # wrong arity from a crafted pickle
-      raise CheckpointFormatError(f'bad arguments to {self.fn.__name__}: {e}') from None
+      raise _Corrupt(f'bad arguments to {self.fn.__name__}: {e}') from None
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride,
@@ -214,14 +218,14 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,
                        backward_hooks, dtype, metadata=None):
   del requires_grad, backward_hooks, metadata
   if not isinstance(dtype, _TorchDtype):
-    raise CheckpointFormatError(f'bad tensor dtype {dtype!r:.100}.')
+    raise _Corrupt(f'bad tensor dtype {dtype!r:.100}.')
   return _PendingTensor(storage, storage_offset, size, stride, dtype.dtype)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
   del requires_grad, backward_hooks, state
   if not isinstance(data, _PendingTensor):
-    raise CheckpointFormatError('a parameter that wraps no tensor.')
+    raise _Corrupt('a parameter that wraps no tensor.')
   return data
 
 
@@ -238,7 +242,7 @@ def _make_whitelist() -> dict:
     """Tensor subclasses wrap their rebuild call; plain types only."""
     del state
     if new_type is not tensor_class or not any(func is f for f in rebuild.values()):
-      raise CheckpointFormatError('unsupported tensor subclass in checkpoint.')
+      raise _Corrupt('unsupported tensor subclass in checkpoint.')
     return func(*args)
 
   return {
@@ -266,8 +270,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     try:
       return self._allowed[(module, name)]
     except KeyError:
-      raise UnsafeCheckpointError(
-          f'{self._path} holds arbitrary pickled objects, not only tensors: it '
+      raise _Unsafe(
+          f'holds arbitrary pickled objects, not only tensors: it '
           f'refers to `{module}.{name}`, and finetune_jax never runs code from '
           f'a checkpoint. {_convert_hint(self._path)}') from None
 
@@ -278,8 +282,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             and (len(pid) == 5 or pid[5] is None or (
                 isinstance(pid[5], tuple) and len(pid[5]) == 3 and
                 _is_index_tuple(pid[5][1:])))):
-      raise CheckpointFormatError(
-          f'{self._path}: unexpected persistent id {pid!r:.200}.')
+      raise _Corrupt(f'unexpected persistent id {pid!r:.200}.')
     _, storage_type, key, _location, numel, *view = pid
     return self._make_storage(str(key), storage_type.dtype, numel,
                               view[0] if view else None)
@@ -300,29 +303,26 @@ def _from_bytes(raw: bytes, dtype: np.dtype, big_endian: bool) -> np.ndarray:
 def _unpickle(data_pkl, path, make_storage):
   try:
     return _RestrictedUnpickler(data_pkl, path, make_storage).load()
-  except UnsafeCheckpointError as e:
-    raise UnsafeCheckpointError(str(e) if path in str(e) else f'{path}: {e}') from None
-  except CheckpointFormatError:
+  except (_Corrupt, _Unsafe):
     raise
   except Exception as e:  # pickle reports corruption in many ways
-    raise CheckpointFormatError(
-        f'{path}: cannot parse the checkpoint pickle ({type(e).__name__}: {e}); '
-        f'the file is truncated or corrupt.') from None
+    raise _Corrupt(f'cannot parse the checkpoint pickle ({type(e).__name__}: {e}); '
+                   'the file is truncated or corrupt.') from None
 
 
 def _read_zip(path: str) -> Any:
   try:
     archive = zipfile.ZipFile(path)
   except zipfile.BadZipFile as e:
-    raise CheckpointFormatError(
-        f'{path} looks like a zip PyTorch checkpoint but cannot be opened ({e}); '
+    raise _Corrupt(
+        f'looks like a zip PyTorch checkpoint but cannot be opened ({e}); '
         f'the file is truncated or corrupt. Download or save it again.') from None
   with archive:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith('data.pkl') and n.count('/') == 1]
     if len(pickles) != 1:
-      raise CheckpointFormatError(
-          f'{path} is a zip file but not a PyTorch checkpoint: expected one '
+      raise _Corrupt(
+          f'a zip file but not a PyTorch checkpoint: expected one '
           f'`<name>/data.pkl`, found {pickles or "none"}.')
     prefix = pickles[0][:-len('data.pkl')]
     big_endian = False
@@ -332,7 +332,7 @@ def _read_zip(path: str) -> Any:
 
     def make_storage(key, dtype, numel, view):
       if view is not None:
-        raise CheckpointFormatError(f'{path}: storage views are not zip-format.')
+        raise _Corrupt('storage views are not zip-format.')
       if key not in storages:
         storages[key] = _Storage(key, dtype, numel)
       return storages[key]
@@ -343,15 +343,13 @@ def _read_zip(path: str) -> Any:
       try:
         raw = archive.read(record)
       except KeyError:
-        raise CheckpointFormatError(f'{path}: missing tensor data {record}.') from None
+        raise _Corrupt(f'missing tensor data {record}.') from None
       except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointFormatError(
-            f'{path}: cannot read {record} ({e}); the file is corrupt.') from None
+        raise _Corrupt(f'cannot read {record} ({e}); the file is corrupt.') from None
       need = storage.numel * storage.dtype.itemsize
       if len(raw) < need:
-        raise CheckpointFormatError(
-            f'{path}: {record} has {len(raw)} bytes, the pickle needs {need}; '
-            f'the file is truncated or corrupt.')
+        raise _Corrupt(f'{record} has {len(raw)} bytes, the pickle needs {need}; '
+                       'the file is truncated or corrupt.')
       storage.fill(_from_bytes(raw[:need], storage.dtype, big_endian))
   return obj
 
@@ -363,17 +361,15 @@ def _read_legacy(path: str) -> Any:
     for what in ('magic number', 'protocol version', 'system info'):
       try:
         header.append(_unpickle(f, path, None))
-      except UnsafeCheckpointError:
-        raise
-      except CheckpointFormatError:
-        raise CheckpointFormatError(
-            f'{path} is not a PyTorch checkpoint: cannot read its {what} '
+      except _Corrupt:
+        raise _Corrupt(
+            f'not a PyTorch checkpoint: cannot read its {what} '
             f'(expected a zip archive or the legacy pickle format). If it is a '
             f'very old tar-based torch file, re-save it with a recent torch.') from None
     magic, protocol, sys_info = header
     if magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL:
-      raise CheckpointFormatError(
-          f'{path} is not a PyTorch checkpoint (bad magic number/protocol).')
+      raise _Corrupt(
+          'not a PyTorch checkpoint (bad magic number/protocol).')
     big_endian = not (isinstance(sys_info, dict) and sys_info.get('little_endian', True))
     storages = {}
 
@@ -388,21 +384,21 @@ def _read_legacy(path: str) -> Any:
     obj = _unpickle(f, path, make_storage)
     keys = _unpickle(f, path, None)
     if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
-      raise CheckpointFormatError(f'{path}: bad storage key list.')
+      raise _Corrupt('bad storage key list.')
     for key in keys:
       if key not in storages:
-        raise CheckpointFormatError(f'{path}: data for unknown storage {key!r}.')
+        raise _Corrupt(f'data for unknown storage {key!r}.')
       storage = storages[key]
       count = f.read(8)
       if len(count) < 8:
-        raise CheckpointFormatError(
-            f'{path} is truncated: the data of storage {key!r} is missing.')
+        raise _Corrupt(
+            f'truncated: the data of storage {key!r} is missing.')
       (numel,) = struct.unpack('>q' if big_endian else '<q', count)
       need = numel * storage.dtype.itemsize
       raw = f.read(need)
       if numel != storage.numel or len(raw) != need:
-        raise CheckpointFormatError(
-            f'{path} is truncated or corrupt: storage {key!r} should hold '
+        raise _Corrupt(
+            f'truncated or corrupt: storage {key!r} should hold '
             f'{storage.numel} elements ({storage.numel * storage.dtype.itemsize} '
             f'bytes), found {len(raw)} bytes.')
       storage.fill(_from_bytes(raw, storage.dtype, big_endian))
@@ -418,7 +414,7 @@ def _materialise(obj, _open=None):
   _open = set() if _open is None else _open
   key = id(obj)
   if key in _open:  # pickle memo references can build cycles
-    raise CheckpointFormatError('the checkpoint holds a container that contains itself.')
+    raise _Corrupt('the checkpoint holds a container that contains itself.')
   _open.add(key)
   if isinstance(obj, dict):
     for k in list(obj):
@@ -437,18 +433,19 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
 
   Only dicts, lists, tuples, scalars, strings and tensors are accepted.
   Raises UnsafeCheckpointError for anything else (nothing in the file is
-  executed) and CheckpointFormatError for truncated or foreign files.
+  executed) and CheckpointError for truncated or foreign files.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'No checkpoint file at {path!r}.')
   with open(path, 'rb') as f:
     head = f.read(4)
-  if head.startswith(b'PK'):
-    obj = _read_zip(path)
-  else:
-    obj = _read_legacy(path)
-  return _materialise(obj)
+  try:
+    return _materialise(_read_zip(path) if head.startswith(b'PK') else _read_legacy(path))
+  except _Unsafe as e:
+    raise errors.UnsafeCheckpointError(path, str(e)) from None
+  except _Corrupt as e:
+    raise errors.CheckpointError(path, str(e)) from None
 
 
 _WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model', 'module')
@@ -468,9 +465,8 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         obj = obj[key]
         break
   if not isinstance(obj, dict):
-    raise CheckpointFormatError(
-        f'{path} holds a {type(obj).__name__}, not a state dict (a dict of '
-        f'tensors).')
+    raise errors.CheckpointError(
+        path, f'holds a {type(obj).__name__}, not a state dict (a dict of tensors).')
   flat = {}
 
   def visit(prefix, tree):
@@ -481,11 +477,10 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       elif isinstance(v, np.ndarray):
         flat[name] = v
       else:
-        raise CheckpointFormatError(
-            f'{path}: entry {name!r} is a {type(v).__name__}, not a tensor; '
-            f'save `model.state_dict()` only.')
+        raise errors.CheckpointError(
+            path, f'a {type(v).__name__}, not a tensor; save `model.state_dict()` only.', key=name)
 
   visit('', obj)
   if not flat:
-    raise CheckpointFormatError(f'{path} holds no tensors.')
+    raise errors.CheckpointError(path, 'holds no tensors.')
   return flat

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from finetune_jax import errors
+
 
 def flat(params: Mapping) -> dict:
   return traverse_util.flatten_dict(dict(params), sep='/')
@@ -19,14 +21,15 @@ def flat(params: Mapping) -> dict:
 
 def compile_patterns(patterns: Sequence[str]) -> list[re.Pattern]:
   if isinstance(patterns, str):
-    raise ValueError(f'dont_load must be a list of regexes, got the string '
-                     f'{patterns!r}; write [{patterns!r}].')
+    raise errors.ConfigError('dont_load', f'dont_load must be a list of regexes, got the '
+                             f'string {patterns!r}; write [{patterns!r}].')
   compiled = []
   for pattern in patterns:
     try:
       compiled.append(re.compile(pattern))
     except re.error as e:
-      raise ValueError(f'dont_load: {pattern!r} is not a valid regex ({e}).') from None
+      raise errors.ConfigError(
+          'dont_load', f'dont_load: {pattern!r} is not a valid regex ({e}).') from None
   return compiled
 
 
@@ -36,19 +39,21 @@ def check_dont_load(dont_load: Sequence[str], paths: Sequence[str],
   regexes = compile_patterns(dont_load)
   for regex in regexes:
     if not any(regex.search(p) for p in paths):
-      raise ValueError(
-          f'dont_load pattern {regex.pattern!r} matches no parameter of the '
-          f'model or of {source}. Parameter paths look like {list(paths)[:5]}.')
+      close = errors.nearest(regex.pattern, list(paths), n=5)
+      raise errors.NoMatch(
+          'dont_load', regex.pattern, close,
+          f'dont_load pattern {regex.pattern!r} matches no parameter of the model or of '
+          f'{source}. Nearest parameter paths: {close}.')
   return regexes
 
 
 def load_into(init_params: Mapping, loaded_params: Mapping,
-                     dont_load: Sequence[str] = (), source: str = '<file>') -> dict:
+              dont_load: Sequence[str] = (), source: str = '<file>') -> dict:
   """`init_params` with every leaf not matched by `dont_load` taken from `loaded_params`.
 
-  Raises one ValueError for: a dont_load pattern that matches nothing,
-  checkpoint entries the model lacks (unless dont_load'ed), model params the
-  checkpoint lacks, or shape mismatches (path, both shapes, `source`).
+  Raises `errors.NoMatch` for a dont_load pattern that matches nothing, and one
+  `errors.CheckpointError` (file `source`) for checkpoint entries the model lacks
+  (unless dont_load'ed), model params the checkpoint lacks, or shape mismatches.
   """
   init, loaded = flat(init_params), flat(loaded_params)
   regexes = check_dont_load(dont_load, [*init, *loaded], source)
@@ -58,25 +63,22 @@ def load_into(init_params: Mapping, loaded_params: Mapping,
 
   unexpected = [p for p in loaded if p not in init and not skipped(p)]
   if unexpected:
-    raise ValueError(
-        f'{source} has {len(unexpected)} parameters the model does not: '
-        f'{unexpected[:20]}. Check the architecture config, or add a dont_load '
-        f'pattern to drop them.')
+    raise errors.CheckpointError(
+        source, f'has {len(unexpected)} parameters the model does not: {unexpected[:20]}. '
+        'Check the architecture config, or add a dont_load pattern to drop them.')
   missing = [p for p in init if p not in loaded and not skipped(p)]
   if missing:
-    raise ValueError(
-        f'{source} lacks {len(missing)} parameters of the model: {missing[:20]}. '
-        f'Check the architecture config, or add a dont_load pattern to keep '
-        f'their initial values.')
-  mismatched = [
-      f'{p}: {tuple(np.shape(loaded[p]))} in {source} vs {tuple(np.shape(v))} in the model'
-      for p, v in init.items()
-      if not skipped(p) and tuple(np.shape(loaded[p])) != tuple(np.shape(v))]
+    raise errors.CheckpointError(
+        source, f'lacks {len(missing)} parameters of the model: {missing[:20]}. Check the '
+        'architecture config, or add a dont_load pattern to keep their initial values.')
+  mismatched = [p for p, v in init.items()
+                if not skipped(p) and tuple(np.shape(loaded[p])) != tuple(np.shape(v))]
   if mismatched:
-    raise ValueError(
-        f'Shape mismatch loading {source}: ' + '; '.join(mismatched[:20]) +
-        '. Fix the model config (e.g. num_classes) or add the parameter to '
-        'dont_load (e.g. "^head/").')
+    shapes = '; '.join(f'{p}: {tuple(np.shape(loaded[p]))} in the file vs '
+                       f'{tuple(np.shape(init[p]))} in the model' for p in mismatched[:20])
+    raise errors.CheckpointError(
+        source, f'shape mismatch: {shapes}. Fix the model config (e.g. num_classes) or add '
+        'the parameter to dont_load (e.g. "^head/").')
   params = {
       p: v if skipped(p) else jnp.asarray(loaded[p], dtype=v.dtype)
       for p, v in init.items()}

@@ -36,14 +36,6 @@ def write_json(obj, path: str) -> None:
     json.dump(obj, f, indent=2, sort_keys=True)
 
 
-def read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise hf_dir.CheckpointFileError(f'{path}: cannot read it as JSON ({e}).') from None
-
-
 def read_weights(path: str, name: str) -> dict:
   file = os.path.join(path, name)
   if not os.path.exists(file):

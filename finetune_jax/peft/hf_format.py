@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from finetune_jax.formats import hf_dir
 from finetune_jax.peft import hf_common
 from finetune_jax.peft import hf_names
 from finetune_jax.peft import method as method_lib
@@ -124,7 +125,7 @@ def load_adapter(adapted, model, path: str):
 
 def _load_peft(adapted, model, path):
   """The reader of the method that the config's peft_type names."""
-  cfg = hf_common.read_json(os.path.join(path, PEFT_CONFIG))
+  cfg = hf_dir.read_json(os.path.join(path, PEFT_CONFIG))
   reader = method_lib.reading(cfg.get('peft_type'))
   if reader is None:
     readable = sorted(t for n in method_lib.names() for t in method_lib.get(n).peft_types)
@@ -134,7 +135,7 @@ def _load_peft(adapted, model, path):
 
 
 def _load_ours(adapted, model, path):
-  meta = hf_common.read_json(os.path.join(path, OUR_CONFIG))
+  meta = hf_dir.read_json(os.path.join(path, OUR_CONFIG))
   if meta.get('format') != OUR_FORMAT:
     raise ValueError(f'{path}/{OUR_CONFIG} is not a {OUR_FORMAT} file.')
   tensors = hf_common.read_weights(path, OUR_WEIGHTS)

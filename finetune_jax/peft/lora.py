@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax import errors
 from finetune_jax.models import architecture
 from finetune_jax.models import host_init
 from finetune_jax.peft import base
@@ -150,7 +151,7 @@ def adapt(model, cfg, dora: bool = False) -> base.Adapted:
                      'adapt the plain pretrained model.')
   head_trains = base.trains_head(model)
   skip = model.head + '/' if head_trains else None
-  candidates = candidate_modules(flat, skip)
+  candidates = paths.candidate_modules(flat, skip)
   arch = architecture.of(model)
   what, targets = 'peft.lora.targets', opts['targets']
   if not targets:
@@ -209,9 +210,6 @@ def _options(cfg) -> dict:
           'rslora': c.rslora, 'init': c.init, 'rank_overrides': overrides}
 
 
-candidate_modules = paths.candidate_modules
-
-
 def select(targets, candidates, what: str, head: str | None = None, arch=None) -> set:
   """The candidates the targets select; a target selecting none is an error."""
   return paths.select_modules(targets, candidates, what, 'peft.lora.targets', 'LoRA', head,
@@ -220,17 +218,19 @@ def select(targets, candidates, what: str, head: str | None = None, arch=None) -
 
 def _ranks(targets, rank, overrides) -> dict:
   """{module: rank}: the first override pattern that matches a module sets its rank."""
+  option = 'peft.lora.rank_overrides'
   compiled = []
   for pattern, r in overrides:
     try:
       regex = re.compile(pattern)
     except re.error as e:
-      raise ValueError(f'peft.lora.rank_overrides: {pattern!r} is not a valid regex ({e}).'
-                       ) from None
+      raise errors.ConfigError(option, f'{option}: {pattern!r} is not a valid regex ({e}).'
+                               ) from None
     if not any(regex.search(t) for t in targets):
-      raise ValueError(
-          f'peft.lora.rank_overrides: {pattern!r} matches none of the LoRA targets; '
-          f'nearest: {paths.nearest(pattern, targets, n=5)}. Fix or drop the pattern.')
+      close = errors.nearest(pattern, targets, n=5)
+      raise errors.NoMatch(option, pattern, close,
+                           f'{option}: {pattern!r} matches none of the LoRA targets; '
+                           f'nearest: {close}. Fix or drop the pattern.')
     compiled.append((regex, r))
   return {t: next((r for regex, r in compiled if regex.search(t)), rank) for t in targets}
 
@@ -384,7 +384,7 @@ def peft_tensors(model, hook, flat: dict) -> tuple[dict, dict]:
 def _target_modules(model, flat: dict, chosen: set):
   """PEFT's target_modules: short names ('query', 'value') when they select
   exactly `chosen`, else the full module names (exact in PEFT too)."""
-  candidates = candidate_modules(flat, model.head + '/' if hf_names.has_head(model) else None)
+  candidates = paths.candidate_modules(flat, model.head + '/' if hf_names.has_head(model) else None)
   everything = (set(hf_names.module_names(model, candidates).values())
                 | hf_names.extra_hf_modules(model))
   leaves = sorted({n.rsplit('.', 1)[-1] for n in chosen})

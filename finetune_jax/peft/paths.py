@@ -5,7 +5,6 @@ that matches nothing is an error that lists the nearest real paths. Methods
 that change layers (LoRA, IA3, adapters) select *module* paths, a param path
 without its leaf ('layer_0/attention/self/query'), with `select_modules`.
 """
-import difflib
 import re
 from typing import Iterable, Mapping, Sequence
 
@@ -27,13 +26,6 @@ def unflatten(flat: Mapping) -> dict:
   return traverse_util.unflatten_dict(dict(flat), sep='/')
 
 
-def nearest(pattern: str, paths: Sequence[str], n: int = 8) -> list[str]:
-  """The paths that look most like `pattern`, for error messages."""
-  literal = re.sub(r'[\^$\\.*+?()\[\]{}|]', '', pattern)
-  close = difflib.get_close_matches(literal, paths, n=n, cutoff=0.0)
-  return close or list(paths[:n])
-
-
 def match(patterns: Iterable[str], paths: Sequence[str], what: str) -> set:
   """The paths matched (re.search) by any pattern; each must match one."""
   matched = set()
@@ -44,7 +36,7 @@ def match(patterns: Iterable[str], paths: Sequence[str], what: str) -> set:
       raise ValueError(f'{what}: {pattern!r} is not a valid regex ({e}).') from None
     hits = {p for p in paths if regex.search(p)}
     if not hits:
-      close = nearest(pattern, paths)
+      close = errors.nearest(pattern, paths)
       raise errors.NoMatch(
           what, pattern, close, f'{what}: pattern {pattern!r} matches no parameter. '
           f'Nearest parameter paths: {close}. Fix the pattern in the config.')
@@ -117,7 +109,7 @@ def select_modules(targets, candidates, what: str, option: str, method: str,
       unmatched.append(target)
     matched |= hits
   if unmatched:
-    close = {p: nearest(p, candidates, n=5) for p in unmatched}
+    close = {p: errors.nearest(p, candidates, n=5) for p in unmatched}
     head_note = f" The head '{head}/' trains in full and takes no {method}." if head else ''
     raise errors.NoMatch(
         option, unmatched, close,

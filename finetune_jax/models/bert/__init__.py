@@ -15,7 +15,6 @@ refuses, text longer than the model's context itself.
 """
 import functools
 import importlib.util
-import json
 import os
 
 import tokenizers
@@ -25,6 +24,7 @@ from tokenizers import normalizers
 from tokenizers import pre_tokenizers
 from tokenizers import processors
 
+from finetune_jax import errors
 from finetune_jax.formats import hf_dir
 from finetune_jax.models import architecture
 from finetune_jax.models import registry
@@ -50,16 +50,6 @@ def _options(pooling, hidden_dropout_prob, attention_probs_dropout_prob,
 # ------------------------------------------------------------------ tokenizers
 
 
-def _read_json(path: str) -> dict:
-  if not os.path.exists(path):
-    return {}
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise hf_dir.CheckpointFileError(f'{path}: cannot read it as JSON ({e}).') from None
-
-
 def wordpiece_tokenizer(vocab_path: str, tokenizer_config: dict | None = None
                         ) -> tokenizers.Tokenizer:
   """BertTokenizer's pipeline from a vocab.txt, as transformers converts it.
@@ -72,7 +62,7 @@ def wordpiece_tokenizer(vocab_path: str, tokenizer_config: dict | None = None
     with open(vocab_path, encoding='utf-8') as f:
       tokens = [line.rstrip('\n') for line in f]
   except (OSError, UnicodeDecodeError) as e:
-    raise hf_dir.CheckpointFileError(f'{vocab_path}: cannot read the vocabulary ({e}).') from None
+    raise errors.CheckpointError(vocab_path, f'cannot read the vocabulary ({e}).') from None
   vocab = {}
   for i, token in enumerate(tokens):
     vocab.setdefault(token, i)
@@ -81,9 +71,8 @@ def wordpiece_tokenizer(vocab_path: str, tokenizer_config: dict | None = None
     token = tokenizer_config.get(key) or default
     token = token['content'] if isinstance(token, dict) else token
     if token not in vocab:
-      raise hf_dir.CheckpointFileError(
-          f'{vocab_path} lacks the special token {token!r} ({key}); a BERT vocabulary '
-          'needs [PAD], [UNK], [CLS], [SEP] and [MASK] (or name them in '
+      raise errors.CheckpointError(
+          vocab_path, f'lacks the special token {token!r} ({key}); a BERT vocabulary needs [PAD], [UNK], [CLS], [SEP] and [MASK] (or name them in '
           'tokenizer_config.json).')
     specials[key] = token
   tok = tokenizers.Tokenizer(tokenizer_models.WordPiece(
@@ -104,18 +93,12 @@ def wordpiece_tokenizer(vocab_path: str, tokenizer_config: dict | None = None
 
 def tokenizer_from_dir(model_dir: str) -> tokenizers.Tokenizer | None:
   """The dir's tokenizer.json, else one built from vocab.txt; None with neither."""
-  path = os.path.join(model_dir, 'tokenizer.json')
-  if os.path.exists(path):
-    try:
-      tok = tokenizers.Tokenizer.from_file(path)
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-      raise hf_dir.CheckpointFileError(
-          f'{path} is not a readable tokenizer ({e}). Save it again with '
-          '`tokenizer.save_pretrained(dir)`, or delete it to use vocab.txt.') from None
-  elif os.path.exists(os.path.join(model_dir, 'vocab.txt')):
+  tok = hf_dir.read_tokenizer(model_dir)
+  if tok is None and os.path.exists(os.path.join(model_dir, 'vocab.txt')):
+    config = os.path.join(model_dir, 'tokenizer_config.json')
     tok = wordpiece_tokenizer(os.path.join(model_dir, 'vocab.txt'),
-                              _read_json(os.path.join(model_dir, 'tokenizer_config.json')))
-  else:
+                              hf_dir.read_json(config) if os.path.exists(config) else {})
+  if tok is None:
     return None
   tok.no_truncation()
   tok.no_padding()

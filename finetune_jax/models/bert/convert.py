@@ -14,8 +14,6 @@ weights) and the pre-training heads of BertForPreTraining / BertForMaskedLM
 (`cls.predictions.*`, `cls.seq_relationship.*`), which an encoder does not use
 (as transformers drops them when it loads a BertModel from such a file).
 """
-import re
-
 import numpy as np
 from flax import traverse_util
 

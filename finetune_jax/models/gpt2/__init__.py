@@ -13,6 +13,7 @@ from tokenizers import decoders
 from tokenizers import models as tokenizer_models
 from tokenizers import pre_tokenizers
 
+from finetune_jax import errors
 from finetune_jax.formats import hf_dir
 from finetune_jax.models import architecture
 from finetune_jax.models import registry
@@ -50,20 +51,16 @@ def load_random(path, *, variant, num_classes, dont_load, seed, image_size=None,
 
 def read_tokenizer(model_dir: str) -> tokenizers.Tokenizer | None:
   """tokenizer.json, else vocab.json + merges.txt as GPT-2's byte-level BPE, else None."""
-  path = os.path.join(model_dir, 'tokenizer.json')
-  if os.path.exists(path):
-    try:
-      return tokenizers.Tokenizer.from_file(path)
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-      raise hf_dir.CheckpointFileError(f'{path}: not a readable tokenizer ({e}).') from None
+  if os.path.exists(os.path.join(model_dir, 'tokenizer.json')):
+    return hf_dir.read_tokenizer(model_dir)
   vocab, merges = (os.path.join(model_dir, f) for f in ('vocab.json', 'merges.txt'))
   if not (os.path.exists(vocab) and os.path.exists(merges)):
     return None
   try:
     bpe = tokenizer_models.BPE.from_file(vocab, merges)
   except Exception as e:
-    raise hf_dir.CheckpointFileError(
-        f'{vocab} / {merges}: not a readable byte-level BPE vocabulary ({e}).') from None
+    raise errors.CheckpointError(
+        vocab, f'with {merges}, not a readable byte-level BPE vocabulary ({e}).') from None
   tok = tokenizers.Tokenizer(bpe)
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()

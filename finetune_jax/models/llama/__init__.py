@@ -17,8 +17,6 @@ import functools
 import importlib.util
 import os
 
-import tokenizers
-
 from finetune_jax.formats import hf_dir
 from finetune_jax.models import architecture
 from finetune_jax.models import registry
@@ -83,22 +81,11 @@ def _from_checkpoint(hf_config: dict, tensors: dict, tokenizer, *, source, num_c
                                   dont_load=dont_load, seed=seed, tokenizer=tokenizer)
 
 
-def read_tokenizer_json(model_dir: str) -> tokenizers.Tokenizer | None:
-  """The dir's tokenizer.json, or None without one (only tasks on text need it)."""
-  path = os.path.join(model_dir, 'tokenizer.json')
-  if not os.path.exists(path):
-    return None
-  try:
-    return tokenizers.Tokenizer.from_file(path)
-  except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-    raise hf_dir.CheckpointFileError(f'{path} is not a readable tokenizer ({e}).') from None
-
-
 def load_hf_dir(path, *, num_classes, dont_load, seed, image_size=None, **options):
   """A transformers LlamaForCausalLM (or Mistral / Qwen2) dir with tokenizer.json."""
   del image_size
   hf_config, tensors = hf_dir.read_hf_dir(path)
-  return _from_checkpoint(hf_config, tensors, read_tokenizer_json(path), source=path,
+  return _from_checkpoint(hf_config, tensors, hf_dir.read_tokenizer(path), source=path,
                           num_classes=num_classes, dont_load=dont_load, seed=seed,
                           options=options)
 

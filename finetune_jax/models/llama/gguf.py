@@ -17,7 +17,7 @@ Llama's here:
 import numpy as np
 
 from finetune_jax.formats import gguf as gguf_format
-from finetune_jax.formats.hf_dir import CheckpointFileError
+from finetune_jax import errors
 
 SUPPORTED_ARCHITECTURES = ('llama',)
 
@@ -52,13 +52,13 @@ def read_llama_gguf(path: str):
   Returns:
     (hf_config, tensors, tokenizer): a dict with LlamaConfig keys, {HF name:
     float32 array in nn.Linear (out, in) layout} without 'lm_head.weight' when
-    the embeddings are tied, and a `tokenizers.Tokenizer`.
+    the embeddings are tied, and a `tokenizers.Tokenizer` (None: the file has none).
   """
   reader = gguf_format.open_gguf(path)
   arch = gguf_format.metadata(reader, 'general.architecture', path)
   if arch not in SUPPORTED_ARCHITECTURES:
-    raise ValueError(
-        f'{path} holds a {arch!r} model; GGUF loading supports the '
+    raise errors.CheckpointError(
+        path, f'holds a {arch!r} model; GGUF loading supports the '
         f'{"/".join(SUPPORTED_ARCHITECTURES)} architecture (Llama 1/2/3, SmolLM2, TinyLlama, '
         'Mistral-7B exported as llama). Load other models from their Hugging Face dir.')
   config = _hf_config(reader, path)
@@ -78,18 +78,18 @@ def _hf_config(reader, path: str) -> dict:
 
   experts = get('expert_count', 0)
   if experts:
-    raise ValueError(f'{path} is a mixture-of-experts model ({experts} experts, e.g. '
-                     'Mixtral); only dense Llama models are supported.')
+    raise errors.CheckpointError(path, f'a mixture-of-experts model ({experts} experts, e.g. '
+                                 'Mixtral); only dense Llama models are supported.')
   hidden, heads = get('embedding_length'), get('attention.head_count')
   kv_heads = get('attention.head_count_kv', heads)
   if not isinstance(heads, int) or not isinstance(kv_heads, int):
-    raise ValueError(f'{path} has per-layer head counts; only uniform ones are supported.')
+    raise errors.CheckpointError(path, 'per-layer head counts; only uniform ones are supported.')
   head_dim = get('attention.key_length', hidden // heads)
   value_dim = get('attention.value_length', head_dim)
   rope_dim = get('rope.dimension_count', head_dim)
   if value_dim != head_dim or rope_dim != head_dim:
-    raise ValueError(
-        f'{path}: key length {head_dim}, value length {value_dim} and rotary dimension '
+    raise errors.CheckpointError(
+        path, f'key length {head_dim}, value length {value_dim} and rotary dimension '
         f'{rope_dim} differ; the Llama model needs them equal (full-width RoPE).')
   scaling = get('rope.scaling.type', 'none')
   if scaling in ('none', None):
@@ -169,32 +169,33 @@ def _hf_tensors(reader, path: str, config: dict) -> dict[str, np.ndarray]:
   tensors = {}
   for tensor in reader.tensors:
     if tensor.name == 'rope_freqs.weight':
-      raise ValueError(
-          f'{path} carries rope_freqs.weight (Llama 3.1-style scaled RoPE), which the Llama '
+      raise errors.CheckpointError(
+          path, key=tensor.name, why='Llama 3.1-style scaled RoPE, which the Llama '
           'model does not implement; use a model with plain RoPE (Llama 2/3.0, SmolLM2).')
     name = hf_name(tensor.name)
     if name is None:
-      raise CheckpointFileError(
-          f'{path}: tensor {tensor.name!r} has no Llama counterpart (not a plain dense Llama '
-          'checkpoint?); nothing was loaded.')
+      raise errors.CheckpointError(
+          path, 'no Llama counterpart (not a plain dense Llama checkpoint?); nothing was '
+          'loaded.', key=tensor.name)
     layer = int(tensor.name.split('.')[1]) if name.startswith('model.layers.') else None
     if layer is not None and layer >= config['num_hidden_layers']:
-      raise CheckpointFileError(f'{path}: tensor {tensor.name!r} is past llama.block_count = '
-                                f'{config["num_hidden_layers"]}.')
+      raise errors.CheckpointError(
+          path, f'past llama.block_count = {config["num_hidden_layers"]}.', key=tensor.name)
     value = gguf_format.dequantize(tensor, path)
     kind = tensor.name.split('.')[2] if layer is not None else None
     if kind in _PERMUTED:
       value = unpermute_rows(value, config[_PERMUTED[kind]])
     expected = _expected_shape(name, config)
     if value.shape != expected:
-      raise CheckpointFileError(f'{path}: {tensor.name!r} has shape {value.shape}, but the '
-                                f'metadata implies {expected} for {name}.')
+      raise errors.CheckpointError(
+          path, f'shape {value.shape}, but the metadata implies {expected} for {name}.',
+          key=tensor.name)
     tensors[name] = value
   required = ['model.embed_tokens.weight', 'model.norm.weight']
   for i in range(config['num_hidden_layers']):
     required += [f'model.layers.{i}.{n}' for n in _LAYER_NAMES.values() if n.endswith('weight')]
   missing = [n for n in required if n not in tensors]
   if missing:
-    raise CheckpointFileError(f'{path} lacks the tensors for {missing[:6]}'
-                              f'{" ..." if len(missing) > 6 else ""}; the file is incomplete.')
+    raise errors.CheckpointError(path, f'lacks the tensors for {missing[:6]}'
+                                 f'{" ..." if len(missing) > 6 else ""}; the file is incomplete.')
   return tensors

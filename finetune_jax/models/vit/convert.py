@@ -30,8 +30,8 @@ import zlib
 import numpy as np
 from flax import traverse_util
 
+from finetune_jax import errors
 from finetune_jax.formats import mapping
-from finetune_jax.formats.hf_dir import CheckpointFileError
 from finetune_jax.models.vit import model as vit
 
 # ------------------------------------------------------------------ HF
@@ -245,10 +245,9 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
       for key in npz.files:
         arrays[key] = npz[key]
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
-    where = f' (at array {key!r})' if key else ''
-    raise CheckpointFileError(
-        f'{path} is not a readable .npz file{where}: {e}. It may be truncated or '
-        'corrupt: download or export it again.') from None
+    raise errors.CheckpointError(
+        path, f'not a readable .npz file: {e}. It may be truncated or corrupt: download or '
+        'export it again.', key=key) from None
   return arrays
 
 
