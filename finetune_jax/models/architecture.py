@@ -85,7 +85,7 @@ class Architecture:
   roles: Mapping[str, str]  # role -> regex over module paths
   # The flax module class; its fields are the config's architecture keys (`build`).
   module: type
-  # (module, config, seed, draw) -> params; draw(path) says which leaves to draw (None: all).
+  # (module, seed, draw) -> params; draw(path) says which leaves to draw (None: all).
   init: Callable
   # Our config -> top-level param keys from input to output, the head excluded.
   blocks: Callable

@@ -44,7 +44,7 @@ def pretrained(arch: architectures.Architecture, config: dict, params: dict,
 def random_init(arch: architectures.Architecture, config: dict, *, dont_load: Sequence[str],
                 seed: int, tokenizer=None) -> Pretrained:
   """A model of `config` with every param drawn; each dont_load pattern must match one."""
-  params = arch.init(arch.build(config), config, seed, None)
+  params = arch.init(arch.build(config), seed, None)
   loading.check_dont_load(dont_load, list(loading.flat(params)), source='<random init>')
   return pretrained(arch, config, params, tokenizer)
 
@@ -69,7 +69,7 @@ def from_checkpoint(arch: architectures.Architecture, config: dict, loaded: dict
       dont_load += [f'^{arch.head}/'] if classes else []
   kept = loading.compile_patterns(dont_load)
   module = arch.build(config)
-  init = arch.init(module, config, seed, lambda p: any(r.search(p) for r in kept))
+  init = arch.init(module, seed, lambda p: any(r.search(p) for r in kept))
   params = loading.load_into(init, loaded, dont_load, source=source)
   return pretrained(arch, config, params, tokenizer)
 

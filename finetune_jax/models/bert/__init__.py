@@ -187,8 +187,7 @@ registry.register_alias(
 
 ARCHITECTURE = architecture.register(architecture.Architecture(
     'bert', title='BERT', module=bert.BertEncoder, blocks=bert.block_names,
-    init=lambda module, config, seed, draw: bert.init_params(
-        module, seed, config['pad_token_id'], draw),
+    init=bert.init_params,
     roles={'q': r'attention/self/query$', 'k': r'attention/self/key$',
            'v': r'attention/self/value$', 'attn_out': r'attention/output/dense$',
            'mlp_in': r'intermediate/dense$', 'mlp_out': r'layer_\d+/output/dense$',

@@ -143,10 +143,9 @@ def _host_value(path: str, shape, dtype, seed: int, pad_token_id: int | None) ->
   return value
 
 
-def init_params(module: 'BertEncoder', seed: int = 0, pad_token_id: int | None = 0,
-                draw=None) -> dict:
+def init_params(module: 'BertEncoder', seed: int = 0, draw=None) -> dict:
   """Initial params drawn on the host with numpy (compiling `module.init` is slow)."""
-  value = functools.partial(_host_value, pad_token_id=pad_token_id)
+  value = functools.partial(_host_value, pad_token_id=module.pad_token_id)
   return host_init.init_params(module, (1, 1), value, seed, jnp.int32, draw)
 
 
@@ -298,6 +297,7 @@ class BertEncoder(nn.Module):
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
   hidden_act: str = 'gelu'  # an ACTIVATIONS key, as HF's config names it
+  pad_token_id: int | None = 0  # its embedding row starts at zero, as in HF
   hidden_dropout_prob: float = 0.1
   attention_probs_dropout_prob: float = 0.1
   classifier_dropout: float | None = None  # None: hidden_dropout_prob, as in HF

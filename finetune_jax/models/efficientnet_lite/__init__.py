@@ -58,6 +58,6 @@ for _i in range(5):
 ARCHITECTURE = architecture.register(architecture.Architecture(
     'efficientnet_lite', title='EfficientNet-Lite', roles={'conv': r'(expand|project)_conv$'},
     module=efficientnet_lite.EfficientNetLite,
-    init=lambda module, config, seed, draw: efficientnet_lite.init_params(module, seed, draw),
+    init=efficientnet_lite.init_params,
     blocks=efficientnet_lite.block_names, preprocess=efficientnet_lite.make_preprocess,
     readers=(architecture.Reader(('torch',), _claims, load_state_dict),)))

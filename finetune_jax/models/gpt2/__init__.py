@@ -108,7 +108,7 @@ registry.register_alias(
 
 ARCHITECTURE = architecture.register(architecture.Architecture(
     'gpt2', title='GPT-2', module=gpt2.GPT2,
-    init=lambda module, config, seed, draw: gpt2.init_params(module, seed, draw),
+    init=gpt2.init_params,
     blocks=gpt2.block_names, head='lm_head',
     roles={'qkv': r'attn/c_attn$', 'q': r'attn/c_attn$', 'k': r'attn/c_attn$',
            'v': r'attn/c_attn$', 'attn_out': r'attn/c_proj$', 'mlp_in': r'mlp/c_fc$',

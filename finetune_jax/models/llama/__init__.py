@@ -144,7 +144,7 @@ registry.register_alias(
 
 ARCHITECTURE = architecture.register(architecture.Architecture(
     'llama', title='Llama', module=llama.LlamaForCausalLM,
-    init=lambda module, config, seed, draw: llama.init_params(module, seed, draw),
+    init=llama.init_params,
     blocks=llama.block_names, head='lm_head',
     roles={'q': r'self_attn/q_proj$', 'k': r'self_attn/k_proj$', 'v': r'self_attn/v_proj$',
            'attn_out': r'self_attn/o_proj$', 'mlp_in': r'mlp/(gate|up)_proj$',

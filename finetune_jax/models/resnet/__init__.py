@@ -46,6 +46,14 @@ def _check_depth(found: str, expected: str | None, source: str, why: str) -> Non
         f'stage). Use the right file, or rename it.')
 
 
+def _checked_depth(tensors, layout: str, variant: str | None, path: str) -> str:
+  """The depth the keys say, checked against `variant` and the file's name."""
+  found = convert_resnet.infer_variant(tensors, layout, source=path)
+  _check_depth(found, variant, path, 'expected a')
+  _check_depth(found, resnet.variant_in_name(path), path, 'its name says')
+  return found
+
+
 def _load(tensors, layout, config, *, num_classes, dont_load, seed, source):
   """Loads converted `tensors` into a fresh `config` model; head per num_classes."""
   ckpt_classes = convert_resnet.num_classes_in(tensors, layout)
@@ -72,11 +80,9 @@ def load_state_dict(path, *, num_classes, dont_load, seed, image_size=None,
   code, or .safetensors). `variant` ('resnet50') asserts the depth;
   `stride_in_1x1` for v1 weights in torchvision layout (e.g. from Caffe)."""
   del image_size  # Convolutional: any resolution runs with the same params.
-  _check_variant_arg(variant)
+  _check_variant_arg(variant)  # before reading the file
   tensors = _read_state_dict(path)
-  found = convert_resnet.infer_variant(tensors, 'torch', source=path)
-  _check_depth(found, variant, path, 'expected a')
-  _check_depth(found, resnet.variant_in_name(path), path, 'its name says')
+  found = _checked_depth(tensors, 'torch', variant, path)
   config = resnet.make_config(found, stride_in_1x1=stride_in_1x1)
   return _load(tensors, 'torch', config, num_classes=num_classes,
                dont_load=dont_load, seed=seed, source=path)
@@ -166,11 +172,9 @@ def _read_keras(path: str, shapes_only: bool = False) -> dict:
 def load_keras(path, *, num_classes, dont_load, seed, image_size=None, variant=None):
   """keras.applications ResNet50/101/152 weights (.weights.h5 or legacy .h5)."""
   del image_size  # Convolutional: any resolution runs with the same params.
-  _check_variant_arg(variant)
+  _check_variant_arg(variant)  # before reading the file
   tensors = _read_keras(path)
-  found = convert_resnet.infer_variant(tensors, 'keras', source=path)
-  _check_depth(found, variant, path, 'expected a')
-  _check_depth(found, resnet.variant_in_name(path), path, 'its name says')
+  found = _checked_depth(tensors, 'keras', variant, path)
   config = resnet.make_config(found, **KERAS_OVERRIDES)
   return _load(tensors, 'keras', config, num_classes=num_classes,
                dont_load=dont_load, seed=seed, source=path)
@@ -195,7 +199,7 @@ registry.register_alias(
 
 ARCHITECTURE = architecture.register(architecture.Architecture(
     'resnet', title='ResNet', roles={'conv': r'_block\d+/conv\d$'}, module=resnet.ResNet,
-    init=lambda module, config, seed, draw: resnet.init_params(module, seed, draw),
+    init=resnet.init_params,
     blocks=resnet.block_names, preprocess=resnet.make_preprocess,
     readers=(architecture.Reader(('torch', 'safetensors'), _claims_state_dict, load_state_dict),
              architecture.Reader(('hf_dir',), _claims_hf_dir, load_hf_dir),

@@ -106,6 +106,6 @@ registry.register_alias(
 
 ARCHITECTURE = architecture.register(architecture.Architecture(
     'vgg', title='VGG', roles={'conv': r'^block\d+_conv\d+$'}, module=vgg.VGG,
-    init=lambda module, config, seed, draw: vgg.init_params(module, seed, draw),
+    init=vgg.init_params,
     blocks=vgg.block_names, preprocess=vgg.make_preprocess,
     readers=(architecture.Reader(('keras_h5',), _claims, load_keras),)))

@@ -118,7 +118,7 @@ registry.register_alias('vit-tiny', functools.partial(load_random, variant='tiny
 
 ARCHITECTURE = architecture.register(architecture.Architecture(
     'vit', title='ViT', module=vit.VisionTransformer,
-    init=lambda module, config, seed, draw: vit.init_params(module, seed, draw),
+    init=vit.init_params,
     blocks=vit.block_names, preprocess=vit.make_preprocess,
     roles={'q': r'attention/query$', 'k': r'attention/key$', 'v': r'attention/value$',
            'attn_out': r'attention/out$', 'mlp_in': r'mlp/fc1$', 'mlp_out': r'mlp/fc2$'},
