@@ -108,14 +108,14 @@ def test_parameter_counts_match_transformers():
   counts = {}
   for variant, hf_fields in hf.items():
     counts[variant] = sum(s.size for s in bert.param_shapes(
-        bert.build(bert.make_config(variant))).values())
+        zoo_bert.ARCHITECTURE.build(bert.make_config(variant))).values())
     with torch.device('meta'):  # shapes only, nothing allocated
       reference = BertModel(BertConfig(**hf_fields))
     assert counts[variant] == sum(p.numel() for p in reference.parameters()), variant
   assert counts == {'tiny': 43_008, 'base': 109_482_240, 'minilm-l6': 22_713_216}
   config = bert.make_config('base', num_classes=2, add_pooler=False)
   assert bert.block_names(config) == ('embeddings', *(f'layer_{i}' for i in range(12)))
-  shapes = bert.param_shapes(bert.build(config))
+  shapes = bert.param_shapes(zoo_bert.ARCHITECTURE.build(config))
   assert shapes['layer_3/attention/self/query/kernel'].shape == (768, 768)
   assert shapes['layer_3/intermediate/dense/kernel'].shape == (768, 3072)
   assert shapes['embeddings/position_embeddings/embedding'].shape == (512, 768)
@@ -176,7 +176,7 @@ def test_hf_bert_model_parity(hf_model, inputs):
   np.testing.assert_array_equal(out['features'], out['last_hidden_state'][:, 0])  # 'cls'
   assert np.abs(hidden).max() > 1  # the comparison is not between near-zeros
   # Mean pooling: the masked mean (sentence-transformers), not over padding.
-  mean = bert.build({**model.config, 'pooling': 'mean'})
+  mean = zoo_bert.ARCHITECTURE.build({**model.config, 'pooling': 'mean'})
   features = np.asarray(jax.jit(mean.apply)({'params': model.params}, *inputs)['features'])
   m = inputs[1][..., None]
   expected = (hidden * m).sum(1) / m.sum(1)
@@ -236,7 +236,7 @@ def test_real_minilm_matches_transformers(tmp_path):
   with torch.no_grad():
     expected = reference(**{k: torch.from_numpy(v) for k, v in batch.items()})
   hidden = expected.last_hidden_state.numpy()
-  mean = bert.build({**ours.config, 'pooling': 'mean'})
+  mean = zoo_bert.ARCHITECTURE.build({**ours.config, 'pooling': 'mean'})
   out = jax.jit(mean.apply)({'params': ours.params}, batch['input_ids'],
                             batch['attention_mask'], batch['token_type_ids'])
   assert np.abs(np.asarray(out['last_hidden_state']) - hidden).max() <= 1e-4

@@ -13,6 +13,7 @@ from finetune_jax import errors
 from finetune_jax import models
 from finetune_jax.models import load_into
 from finetune_jax.models.efficientnet_lite import convert as convert_lite
+from finetune_jax.models import efficientnet_lite as zoo_efficientnet_lite
 from finetune_jax.models.efficientnet_lite import model as efficientnet_lite
 
 
@@ -117,7 +118,7 @@ def test_all_variants_match_reference_shapes():
     ref = EfficientNet.from_name(f'efficientnet-lite{i}')
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     expected = {k: v.shape for k, v in _flat(convert_lite.torch_to_params(sd)).items()}
-    module = efficientnet_lite.build(efficientnet_lite.make_config(f'lite{i}'))
+    module = zoo_efficientnet_lite.ARCHITECTURE.build(efficientnet_lite.make_config(f'lite{i}'))
     shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     assert {k: v.shape for k, v in _flat(shapes['params']).items()} == expected, i
     assert convert_lite.infer_variant(sd) == f'lite{i}'
@@ -139,7 +140,7 @@ def test_lite2_random_weights_match_reference():
   with torch.no_grad():
     expected = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
   params = convert_lite.torch_to_params({k: v.numpy() for k, v in ref.state_dict().items()})
-  module = efficientnet_lite.build(efficientnet_lite.make_config('lite2', num_classes=10))
+  module = zoo_efficientnet_lite.ARCHITECTURE.build(efficientnet_lite.make_config('lite2', num_classes=10))
   logits = jax.jit(module.apply)({'params': params}, x)['logits']
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
@@ -184,7 +185,7 @@ def test_shift_and_lax_models_agree_with_gradients():
 
 def test_train_mode_is_dropout_only():
   config = efficientnet_lite.make_config('tiny', dropout_rate=0.5, drop_connect_rate=0.5)
-  module = efficientnet_lite.build(config)
+  module = zoo_efficientnet_lite.ARCHITECTURE.build(config)
   params = efficientnet_lite.init_params(module, seed=0)
   params['head']['kernel'] = jnp.ones_like(params['head']['kernel'])
   x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 32, 32, 3)), jnp.float32)
@@ -197,13 +198,13 @@ def test_train_mode_is_dropout_only():
   assert not np.allclose(apply(True)['logits'], eval_out['logits'])
   assert not np.allclose(apply(True, 0)['logits'], apply(True, 1)['logits'])
   # Without dropout, train mode changes nothing: BN keeps its statistics.
-  quiet = efficientnet_lite.build({**config, 'dropout_rate': 0.0, 'drop_connect_rate': 0.0})
+  quiet = zoo_efficientnet_lite.ARCHITECTURE.build({**config, 'dropout_rate': 0.0, 'drop_connect_rate': 0.0})
   quiet_train = jax.jit(lambda p: quiet.apply({'params': p}, x, train=True))(params)
   np.testing.assert_allclose(quiet_train['logits'], eval_out['logits'], rtol=1e-6, atol=1e-6)
 
 
 def test_host_init_matches_module_init_structure():
-  module = efficientnet_lite.build(efficientnet_lite.make_config('tiny'))
+  module = zoo_efficientnet_lite.ARCHITECTURE.build(efficientnet_lite.make_config('tiny'))
   ours = _flat(efficientnet_lite.init_params(module, seed=0))
   # (module.init itself would compile every RNG call: seconds, even for tiny.)
   shapes = _flat(jax.eval_shape(module.init, jax.random.PRNGKey(0),

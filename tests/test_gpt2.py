@@ -12,6 +12,7 @@ from hf_files import copy_hf_dir
 from finetune_jax.models import attention
 from finetune_jax.models import tokenization
 from finetune_jax.models.gpt2 import convert as convert_gpt2
+from finetune_jax.models import gpt2 as zoo_gpt2
 from finetune_jax.models.gpt2 import model as gpt2
 
 # A small HF config: 2 blocks, width 32, 4 heads, 300 tokens, context 64.
@@ -84,16 +85,16 @@ def _max_diff_on_real_tokens(a, b, mask):
 
 
 def test_parameter_counts_and_names():
-  counts = {v: sum(s.size for s in gpt2.param_shapes(gpt2.build(gpt2.make_config(v))).values())
+  counts = {v: sum(s.size for s in gpt2.param_shapes(zoo_gpt2.ARCHITECTURE.build(gpt2.make_config(v))).values())
             for v in ('tiny', 'small', 'medium')}
   assert counts == {'tiny': 41_888, 'small': 124_439_808, 'medium': 354_823_168}
   config = gpt2.make_config('small')
-  shapes = gpt2.param_shapes(gpt2.build(config))
+  shapes = gpt2.param_shapes(zoo_gpt2.ARCHITECTURE.build(config))
   assert shapes['h_11/attn/c_attn/kernel'].shape == (768, 2304)
   assert shapes['h_0/mlp/c_fc/kernel'].shape == (768, 3072)
   assert shapes['wte/embedding'].shape == (50257, 768) and 'lm_head/kernel' not in shapes
   assert gpt2.block_names(config) == ('wte', 'wpe', *(f'h_{i}' for i in range(12)), 'ln_f')
-  untied = gpt2.param_shapes(gpt2.build(gpt2.make_config('tiny', tie_word_embeddings=False)))
+  untied = gpt2.param_shapes(zoo_gpt2.ARCHITECTURE.build(gpt2.make_config('tiny', tie_word_embeddings=False)))
   assert untied['lm_head/kernel'].shape == (32, 257)
   for key in ('model', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
               'head_dim', 'max_position_embeddings', 'tie_word_embeddings', 'bos_token_id',
@@ -130,7 +131,7 @@ def test_tiny_alias_api():
 
 
 def test_host_init_matches_module_init_structure():
-  module = gpt2.build(gpt2.make_config('tiny', num_layers=2))
+  module = zoo_gpt2.ARCHITECTURE.build(gpt2.make_config('tiny', num_layers=2))
   ours = _flat(gpt2.init_params(module, seed=0))
   shapes = _flat(jax.eval_shape(module.init, jax.random.PRNGKey(0),
                                 jnp.zeros((1, 4), jnp.int32))['params'])
@@ -147,7 +148,7 @@ def test_host_init_matches_module_init_structure():
 
 def test_train_mode_is_dropout_only():
   config = gpt2.make_config('tiny', num_layers=1)
-  module = gpt2.build(config)
+  module = zoo_gpt2.ARCHITECTURE.build(config)
   params = gpt2.init_params(module, seed=0)
   ids = jnp.array([[5, 6, 7, 8]])
   apply = jax.jit(lambda train, seed: module.apply(

@@ -124,7 +124,7 @@ def test_parameter_counts():
         num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True))
   assert sum(p.numel() for p in reference.parameters()) == 134_515_008
   config = llama.make_config('smollm2-135m')
-  shapes = llama.param_shapes(llama.build(config))
+  shapes = llama.param_shapes(zoo_llama.ARCHITECTURE.build(config))
   assert shapes['layers_3/self_attn/k_proj/kernel'].shape == (576, 192)
   assert shapes['layers_3/mlp/down_proj/kernel'].shape == (1536, 576)
   assert 'lm_head/kernel' not in shapes
@@ -190,7 +190,7 @@ def test_kv_cache_matches_full_forward(window):
   """Prefill + one token at a time equals one uncached pass, with left padding
   (and with a Mistral-style sliding window, which the cache must respect)."""
   config = llama.make_config('tiny', sliding_window=window)
-  module = llama.build(config)
+  module = zoo_llama.ARCHITECTURE.build(config)
   apply = jax.jit(module.apply)
   p = {'params': llama.init_params(module, seed=3)}
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 8)), jnp.int32)
@@ -270,7 +270,7 @@ def test_params_to_hf_round_trip(hf_llama):
 def test_dont_load_keeps_init(hf_llama):
   _, path, _, _ = hf_llama
   loaded = models.load_pretrained(path, dont_load=['^layers_1/mlp/'], seed=4)
-  init = llama.init_params(llama.build(loaded.config), seed=4)
+  init = llama.init_params(zoo_llama.ARCHITECTURE.build(loaded.config), seed=4)
   np.testing.assert_array_equal(loaded.params['layers_1']['mlp']['up_proj']['kernel'],
                                 init['layers_1']['mlp']['up_proj']['kernel'])
   assert not np.array_equal(loaded.params['layers_0']['mlp']['up_proj']['kernel'],

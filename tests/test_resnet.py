@@ -30,7 +30,7 @@ def _count(params):
 
 
 def _shapes(config):
-  module = resnet.build(config)
+  module = zoo_resnet.ARCHITECTURE.build(config)
   params = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
   return {k: tuple(v.shape) for k, v in _flat(params['params']).items()}
 
@@ -221,7 +221,7 @@ def test_tiny_model_api():
 
 def test_host_init_matches_module_init_and_train_mode_is_dropout_only():
   config = resnet.make_config('tiny', dropout_rate=0.5)
-  module = resnet.build(config)
+  module = zoo_resnet.ARCHITECTURE.build(config)
   params = resnet.init_params(module, seed=0)
   assert {k: v.shape for k, v in _flat(params).items()} == _shapes(config)
   for path, value in _flat(params).items():
@@ -235,7 +235,7 @@ def test_host_init_matches_module_init_and_train_mode_is_dropout_only():
                             params['stem']['conv']['kernel'])
   params['head']['kernel'] = jnp.ones_like(params['head']['kernel'])
   x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 32, 32, 3)), jnp.float32)
-  quiet = resnet.build({**config, 'dropout_rate': 0.0})
+  quiet = zoo_resnet.ARCHITECTURE.build({**config, 'dropout_rate': 0.0})
 
   @jax.jit
   def outputs(p):

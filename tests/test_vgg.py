@@ -146,11 +146,11 @@ def test_preprocess_is_keras_caffe():
 
 
 def test_parameter_counts():
-  with_top = vgg.param_shapes(vgg.build(vgg.make_config(include_top=True)))
+  with_top = vgg.param_shapes(zoo_vgg.ARCHITECTURE.build(vgg.make_config(include_top=True)))
   assert sum(int(np.prod(s.shape)) for s in with_top.values()) == 138_357_544
   assert with_top['fc1/kernel'].shape == (25088, 4096)
   at_64 = vgg.make_config(include_top=True, image_size=64)
-  assert vgg.param_shapes(vgg.build(at_64))['fc1/kernel'].shape == (2048, 4096)
+  assert vgg.param_shapes(zoo_vgg.ARCHITECTURE.build(at_64))['fc1/kernel'].shape == (2048, 4096)
   notop = models.load_pretrained('vgg16-notop-random')
   assert _count(notop.params) == 14_714_688 and 'head' not in notop.params
   assert notop.blocks == vgg.conv_names(vgg.VARIANTS['vgg16'])

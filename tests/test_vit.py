@@ -88,7 +88,7 @@ def test_parameter_counts_of_the_variants():
   counts = {}
   for variant in ('ti16', 's16', 'b16', 'b32', 'tiny'):
     config = vit.make_config(variant)
-    counts[variant] = sum(s.size for s in vit.param_shapes(vit.build(config)).values())
+    counts[variant] = sum(s.size for s in vit.param_shapes(zoo_vit.ARCHITECTURE.build(config)).values())
     assert vit.variant_of(config) == (None if variant == 'tiny' else variant)
   assert counts == {'ti16': 5_717_416, 's16': 22_050_664, 'b16': 86_567_656,
                     'b32': 88_224_232, 'tiny': 24_234}
@@ -96,7 +96,7 @@ def test_parameter_counts_of_the_variants():
   assert vit.block_names(config) == (
       'embedding', 'cls', 'pos_embedding', *(f'encoderblock_{i}' for i in range(12)),
       'encoder_norm')
-  shapes = vit.param_shapes(vit.build(config))
+  shapes = vit.param_shapes(zoo_vit.ARCHITECTURE.build(config))
   assert shapes['pos_embedding'].shape == (1, 197, 768)
   assert shapes['encoderblock_3/attention/query/kernel'].shape == (768, 768)
   assert shapes['encoderblock_3/mlp/fc1/kernel'].shape == (768, 3072)
@@ -129,7 +129,7 @@ def test_tiny_alias_api():
 
 def test_train_mode_is_dropout_only():
   config = vit.make_config('tiny', num_layers=1, dropout_rate=0.3, attention_dropout_rate=0.3)
-  module = vit.build(config)
+  module = zoo_vit.ARCHITECTURE.build(config)
   params = vit.init_params(module, seed=0)
   params['head']['kernel'] = jnp.ones_like(params['head']['kernel'])
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 32, 32, 3)), jnp.float32)
@@ -143,7 +143,7 @@ def test_train_mode_is_dropout_only():
 
 
 def test_host_init_matches_module_init_structure():
-  module = vit.build(vit.make_config('tiny'))
+  module = zoo_vit.ARCHITECTURE.build(vit.make_config('tiny'))
   ours = _flat(vit.init_params(module, seed=0))
   shapes = _flat(jax.eval_shape(module.init, jax.random.PRNGKey(0),
                                 jnp.zeros((1, 32, 32, 3)))['params'])
@@ -236,7 +236,7 @@ def test_npz_round_trips_and_matches_hf(ours, hf_classifier, images, tmp_path):
 
 def test_gap_model_with_pre_logits_round_trips_through_big_vision_npz(tmp_path):
   config = vit.make_config('tiny', classifier='gap', representation_size=16, num_classes=3)
-  module = vit.build(config)
+  module = zoo_vit.ARCHITECTURE.build(config)
   params = vit.init_params(module, seed=4)
   params['head']['kernel'] = jnp.ones_like(params['head']['kernel'])  # non-zero logits
   convert_vit.params_to_npz(params, tmp_path / 'gap.npz', num_heads=4, layout='big_vision')

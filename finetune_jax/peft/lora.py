@@ -307,20 +307,20 @@ def merge(module, params, *, return_norms: bool = False):
   return (merged, norms) if return_norms else merged
 
 
-def unmerge(module, merged, adapter, norms: dict | None = None) -> dict:
-  """The adapted params again: kernels from `merge` minus the updates, plus `adapter`.
+def unmerge(module, merged, factors, norms: dict | None = None) -> dict:
+  """The adapted params again: kernels from `merge` minus the updates, plus `factors`.
 
-  adapter: any tree holding the LoRA leaves (e.g. `lora_params(params)`).
+  factors: any tree holding the LoRA leaves (e.g. `lora_params(params)`).
   norms: DoRA only, the second result of `merge(..., return_norms=True)`.
   """
   hook = _hook(module)
   flat = paths.flatten(merged)
-  lora = {p: v for p, v in paths.flatten(adapter).items() if p.rsplit('/', 1)[-1] in LEAVES}
+  lora = {p: v for p, v in paths.flatten(factors).items() if p.rsplit('/', 1)[-1] in LEAVES}
   out = {**flat, **lora}
   for m in adapted_modules(lora):
     if f'{m}/kernel' not in flat:
-      raise ValueError(f'The adapter adapts {m!r}, which the merged params lack: '
-                       'is this adapter for another model?')
+      raise ValueError(f'The LoRA factors adapt {m!r}, which the merged params lack: '
+                       'are they for another model?')
     kernel, a = flat[f'{m}/kernel'], lora[f'{m}/{A}']
     update = scaling(hook.alpha, a.shape[-1], hook.rslora) * delta(a, lora[f'{m}/{B}'])
     w = jnp.asarray(kernel, jnp.float32)

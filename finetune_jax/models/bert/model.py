@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from finetune_jax.models import architecture
 from finetune_jax.models import attention
 from finetune_jax.models import host_init
 from finetune_jax.models import layers
@@ -114,10 +113,6 @@ def block_names(config: dict) -> tuple[str, ...]:
   pooler = ('pooler',) if config['add_pooler'] else ()
   return ('embeddings', *(f'layer_{i}' for i in range(config['num_layers'])), *pooler)
 
-
-def build(config: dict) -> 'BertEncoder':
-  """The module of `config`, whose architecture keys are the module's fields."""
-  return architecture.build_module(BertEncoder, config)
 
 
 # ------------------------------------------------------------------- init

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from finetune_jax.models import architecture
 from finetune_jax.models import host_init
 from finetune_jax.models import layers
 from finetune_jax.models import preprocessing
@@ -147,10 +146,6 @@ def block_names(config: dict) -> tuple[str, ...]:
   """Top-level param keys from input to output, without the head."""
   return ('stem', *(f'blocks_{i}' for i in range(num_blocks(config))), 'top')
 
-
-def build(config: dict) -> 'EfficientNetLite':
-  """The module of `config`, whose architecture keys are the module's fields."""
-  return architecture.build_module(EfficientNetLite, config)
 
 
 def make_preprocess(config: dict):

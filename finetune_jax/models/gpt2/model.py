@@ -26,7 +26,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from finetune_jax.models import architecture
 from finetune_jax.models import attention
 from finetune_jax.models import host_init
 
@@ -112,10 +111,6 @@ def block_names(config: dict) -> tuple[str, ...]:
   """Top-level param keys from input to output, without the head."""
   return ('wte', 'wpe', *(f'h_{i}' for i in range(config['num_layers'])), 'ln_f')
 
-
-def build(config: dict) -> 'GPT2':
-  """The module of `config`, whose architecture keys are the module's fields."""
-  return architecture.build_module(GPT2, config)
 
 
 # ------------------------------------------------------------------- init

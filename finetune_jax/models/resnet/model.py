@@ -25,7 +25,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from finetune_jax.models import architecture
 from finetune_jax.models import host_init
 from finetune_jax.models import layers
 from finetune_jax.models import preprocessing
@@ -120,10 +119,6 @@ def block_names(config: dict) -> tuple[str, ...]:
                     for s, n in enumerate(config['stage_sizes'], 1)
                     for b in range(1, n + 1)))
 
-
-def build(config: dict) -> 'ResNet':
-  """The module of `config`, whose architecture keys are the module's fields."""
-  return architecture.build_module(ResNet, config)
 
 
 def make_preprocess(config: dict):

@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from finetune_jax.models import architecture
 from finetune_jax.models import host_init
 from finetune_jax.models import preprocessing
 
@@ -87,10 +86,6 @@ def block_names(config: dict) -> tuple[str, ...]:
   top = ('fc1', 'fc2') if config['include_top'] else ()
   return (*conv_names(config['stages']), *top)
 
-
-def build(config: dict) -> 'VGG':
-  """The module of `config`, whose architecture keys are the module's fields."""
-  return architecture.build_module(VGG, config)
 
 
 def make_preprocess(config: dict):

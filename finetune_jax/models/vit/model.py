@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from finetune_jax.models import architecture
 from finetune_jax.models import host_init
 from finetune_jax.models import layers
 from finetune_jax.models import preprocessing
@@ -139,10 +138,6 @@ def block_names(config: dict) -> tuple[str, ...]:
   top = ('encoder_norm', 'pre_logits') if config['representation_size'] else ('encoder_norm',)
   return (*stem, *(f'encoderblock_{i}' for i in range(config['num_layers'])), *top)
 
-
-def build(config: dict) -> 'VisionTransformer':
-  """The module of `config`, whose architecture keys are the module's fields."""
-  return architecture.build_module(VisionTransformer, config)
 
 
 def make_preprocess(config: dict):
