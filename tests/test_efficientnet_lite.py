@@ -140,7 +140,8 @@ def test_lite2_random_weights_match_reference():
   with torch.no_grad():
     expected = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
   params = convert_lite.torch_to_params({k: v.numpy() for k, v in ref.state_dict().items()})
-  module = zoo_efficientnet_lite.ARCHITECTURE.build(efficientnet_lite.make_config('lite2', num_classes=10))
+  module = zoo_efficientnet_lite.ARCHITECTURE.build(
+      efficientnet_lite.make_config('lite2', num_classes=10))
   logits = jax.jit(module.apply)({'params': params}, x)['logits']
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
@@ -198,7 +199,8 @@ def test_train_mode_is_dropout_only():
   assert not np.allclose(apply(True)['logits'], eval_out['logits'])
   assert not np.allclose(apply(True, 0)['logits'], apply(True, 1)['logits'])
   # Without dropout, train mode changes nothing: BN keeps its statistics.
-  quiet = zoo_efficientnet_lite.ARCHITECTURE.build({**config, 'dropout_rate': 0.0, 'drop_connect_rate': 0.0})
+  quiet = zoo_efficientnet_lite.ARCHITECTURE.build(
+      {**config, 'dropout_rate': 0.0, 'drop_connect_rate': 0.0})
   quiet_train = jax.jit(lambda p: quiet.apply({'params': p}, x, train=True))(params)
   np.testing.assert_allclose(quiet_train['logits'], eval_out['logits'], rtol=1e-6, atol=1e-6)
 

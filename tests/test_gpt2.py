@@ -85,7 +85,8 @@ def _max_diff_on_real_tokens(a, b, mask):
 
 
 def test_parameter_counts_and_names():
-  counts = {v: sum(s.size for s in gpt2.param_shapes(zoo_gpt2.ARCHITECTURE.build(gpt2.make_config(v))).values())
+  build = zoo_gpt2.ARCHITECTURE.build
+  counts = {v: sum(s.size for s in gpt2.param_shapes(build(gpt2.make_config(v))).values())
             for v in ('tiny', 'small', 'medium')}
   assert counts == {'tiny': 41_888, 'small': 124_439_808, 'medium': 354_823_168}
   config = gpt2.make_config('small')
@@ -94,7 +95,8 @@ def test_parameter_counts_and_names():
   assert shapes['h_0/mlp/c_fc/kernel'].shape == (768, 3072)
   assert shapes['wte/embedding'].shape == (50257, 768) and 'lm_head/kernel' not in shapes
   assert gpt2.block_names(config) == ('wte', 'wpe', *(f'h_{i}' for i in range(12)), 'ln_f')
-  untied = gpt2.param_shapes(zoo_gpt2.ARCHITECTURE.build(gpt2.make_config('tiny', tie_word_embeddings=False)))
+  untied = gpt2.param_shapes(
+      zoo_gpt2.ARCHITECTURE.build(gpt2.make_config('tiny', tie_word_embeddings=False)))
   assert untied['lm_head/kernel'].shape == (32, 257)
   for key in ('model', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
               'head_dim', 'max_position_embeddings', 'tie_word_embeddings', 'bos_token_id',

@@ -88,7 +88,8 @@ def test_parameter_counts_of_the_variants():
   counts = {}
   for variant in ('ti16', 's16', 'b16', 'b32', 'tiny'):
     config = vit.make_config(variant)
-    counts[variant] = sum(s.size for s in vit.param_shapes(zoo_vit.ARCHITECTURE.build(config)).values())
+    shapes = vit.param_shapes(zoo_vit.ARCHITECTURE.build(config))
+    counts[variant] = sum(s.size for s in shapes.values())
     assert vit.variant_of(config) == (None if variant == 'tiny' else variant)
   assert counts == {'ti16': 5_717_416, 's16': 22_050_664, 'b16': 86_567_656,
                     'b32': 88_224_232, 'tiny': 24_234}

@@ -4,8 +4,9 @@ An `Architecture` names its layers by **role** (`q`, `k`, `v`, `attn_out`,
 `mlp_in`, `mlp_out`, `embed`, `conv`, ...), each a regex over module paths,
 so that a method says "LoRA on q and v" once instead of keeping a table of
 families. It builds and initialises its module (for the loading skeleton in
-`registry`), names the checkpoint formats it reads (`Reader`), and says whether the model decodes (per-token outputs and a
-key/value cache) and how it maps onto transformers (`HFLayout`), if it does.
+`registry`), names the checkpoint formats it reads (`Reader`), and says whether
+the model decodes (per-token outputs and a key/value cache) and how it maps
+onto transformers (`HFLayout`), if it does.
 
 Targets in a method's config are resolved by `Architecture.pattern`: a role
 name, an HF-style bare module name (`q_proj` matches a module whose last name

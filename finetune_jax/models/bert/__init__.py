@@ -72,8 +72,8 @@ def wordpiece_tokenizer(vocab_path: str, tokenizer_config: dict | None = None
     token = token['content'] if isinstance(token, dict) else token
     if token not in vocab:
       raise errors.CheckpointError(
-          vocab_path, f'lacks the special token {token!r} ({key}); a BERT vocabulary needs [PAD], [UNK], [CLS], [SEP] and [MASK] (or name them in '
-          'tokenizer_config.json).')
+          vocab_path, f'lacks the special token {token!r} ({key}); a BERT vocabulary needs '
+          '[PAD], [UNK], [CLS], [SEP] and [MASK] (or name them in tokenizer_config.json).')
     specials[key] = token
   tok = tokenizers.Tokenizer(tokenizer_models.WordPiece(
       vocab, unk_token=specials['unk_token'], max_input_chars_per_word=100))

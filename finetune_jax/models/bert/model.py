@@ -114,7 +114,6 @@ def block_names(config: dict) -> tuple[str, ...]:
   return ('embeddings', *(f'layer_{i}' for i in range(config['num_layers'])), *pooler)
 
 
-
 # ------------------------------------------------------------------- init
 
 

@@ -147,7 +147,6 @@ def block_names(config: dict) -> tuple[str, ...]:
   return ('stem', *(f'blocks_{i}' for i in range(num_blocks(config))), 'top')
 
 
-
 def make_preprocess(config: dict):
   return functools.partial(
       preprocessing.normalize_images, default_size=config['image_size'],

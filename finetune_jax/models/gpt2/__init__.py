@@ -51,8 +51,9 @@ def load_random(path, *, variant, num_classes, dont_load, seed, image_size=None,
 
 def read_tokenizer(model_dir: str) -> tokenizers.Tokenizer | None:
   """tokenizer.json, else vocab.json + merges.txt as GPT-2's byte-level BPE, else None."""
-  if os.path.exists(os.path.join(model_dir, 'tokenizer.json')):
-    return hf_dir.read_tokenizer(model_dir)
+  tok = hf_dir.read_tokenizer(model_dir)
+  if tok is not None:
+    return tok
   vocab, merges = (os.path.join(model_dir, f) for f in ('vocab.json', 'merges.txt'))
   if not (os.path.exists(vocab) and os.path.exists(merges)):
     return None

@@ -112,7 +112,6 @@ def block_names(config: dict) -> tuple[str, ...]:
   return ('wte', 'wpe', *(f'h_{i}' for i in range(config['num_layers'])), 'ln_f')
 
 
-
 # ------------------------------------------------------------------- init
 
 

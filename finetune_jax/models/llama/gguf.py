@@ -16,8 +16,8 @@ Llama's here:
 """
 import numpy as np
 
-from finetune_jax.formats import gguf as gguf_format
 from finetune_jax import errors
+from finetune_jax.formats import gguf as gguf_format
 
 SUPPORTED_ARCHITECTURES = ('llama',)
 

@@ -150,7 +150,6 @@ def block_names(config: dict) -> tuple[str, ...]:
   return ('embed_tokens', *(f'layers_{i}' for i in range(config['num_layers'])), 'norm')
 
 
-
 # ------------------------------------------------------------------- init
 
 
@@ -378,4 +377,5 @@ def _window_mask(num_queries: int, num_keys: int, offset, window: int | None):
 
 def num_params(config: dict) -> int:
   """Parameter count from shapes only (nothing allocated)."""
-  return sum(math.prod(s.shape) for s in param_shapes(architecture.build_module(LlamaForCausalLM, config)).values())
+  module = architecture.build_module(LlamaForCausalLM, config)
+  return sum(math.prod(s.shape) for s in param_shapes(module).values())

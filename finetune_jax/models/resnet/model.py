@@ -120,7 +120,6 @@ def block_names(config: dict) -> tuple[str, ...]:
                     for b in range(1, n + 1)))
 
 
-
 def make_preprocess(config: dict):
   return functools.partial(
       preprocessing.normalize_images, default_size=config['image_size'],

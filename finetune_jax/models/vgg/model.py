@@ -87,7 +87,6 @@ def block_names(config: dict) -> tuple[str, ...]:
   return (*conv_names(config['stages']), *top)
 
 
-
 def make_preprocess(config: dict):
   """Keras 'caffe' style: RGB -> BGR, minus the mean, no scaling."""
   return functools.partial(

@@ -11,7 +11,6 @@ import os
 import zipfile
 
 
-from finetune_jax import errors
 from finetune_jax.formats import hf_dir
 from finetune_jax.models import architecture
 from finetune_jax.models import registry
@@ -96,9 +95,7 @@ def _claims_npz(path: str) -> bool:
     with convert_vit.open_npz(path) as npz:
       keys = npz.files
   except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-    raise errors.CheckpointError(
-        path, f'not a readable .npz file: {e}. It may be truncated or corrupt: download or '
-        'export it again.') from None
+    raise convert_vit.unreadable_npz(path, e) from None
   keys = [k[len('params/'):] if k.startswith('params/') else k for k in keys]
   return 'embedding/kernel' in keys and any(k.startswith('Transformer/encoderblock') for k in keys)
 

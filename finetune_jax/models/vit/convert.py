@@ -245,10 +245,14 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
       for key in npz.files:
         arrays[key] = npz[key]
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
-    raise errors.CheckpointError(
-        path, f'not a readable .npz file: {e}. It may be truncated or corrupt: download or '
-        'export it again.', key=key) from None
+    raise unreadable_npz(path, e, key) from None
   return arrays
+
+
+def unreadable_npz(path: str, e: Exception, key: str | None = None) -> errors.CheckpointError:
+  return errors.CheckpointError(
+      path, f'not a readable .npz file: {e}. It may be truncated or corrupt: download or '
+      'export it again.', key=key)
 
 
 def open_npz(path: str):

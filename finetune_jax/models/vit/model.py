@@ -139,7 +139,6 @@ def block_names(config: dict) -> tuple[str, ...]:
   return (*stem, *(f'encoderblock_{i}' for i in range(config['num_layers'])), *top)
 
 
-
 def make_preprocess(config: dict):
   """uint8 NHWC -> [-1, 1] (by default) float32 at `image_size`, RGB."""
   return functools.partial(
