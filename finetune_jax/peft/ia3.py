@@ -330,11 +330,12 @@ def _regexes_for(wanted: set, candidates) -> str:
 # ------------------------------------------------------------------ the method
 
 
-class IA3(method.Method):
+class IA3(method.Folding):
   name = 'ia3'
   section = 'ia3'
   peft_types = ('IA3',)
-  mergeable = True
+  hook, merge = staticmethod(_hook), staticmethod(merge)
+  peft_tensors, load = staticmethod(peft_tensors), staticmethod(load)
 
   def adapt(self, model, cfg) -> base.Adapted:
     return adapt(model, cfg)
@@ -344,17 +345,6 @@ class IA3(method.Method):
 
   def check(self, cfg) -> None:
     _options(cfg)
-
-  def merged(self, adapted, params) -> dict:
-    return merge(adapted.module, params)
-
-  def to_peft(self, model, adapted, params):
-    tensors, config = peft_tensors(model, _hook(adapted.module), paths.flatten(params))
-    config['fan_in_fan_out'] = hf_names.family(model).fan_in_fan_out
-    return tensors, config, PEFT_PREFIX
-
-  def from_peft(self, adapted, model, path, cfg):
-    return load(adapted, model, path, cfg)
 
   def loads_shape(self, adapted, flat, path, shape) -> bool:
     return whole_vector(adapted, flat, path, shape)

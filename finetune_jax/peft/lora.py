@@ -525,11 +525,12 @@ def _check_alpha(path, cfg, hook, names) -> None:
 # ------------------------------------------------------------------ the method
 
 
-class LoRA(method.Method):
+class LoRA(method.Folding):
   """LoRA, or DoRA with `dora`; both read the `peft.lora` section."""
   section = 'lora'
   peft_types = ('LORA',)
-  mergeable = True
+  hook, merge = staticmethod(_hook), staticmethod(merge)
+  peft_tensors, load = staticmethod(peft_tensors), staticmethod(load)
 
   def __init__(self, name: str, dora: bool):
     self.name, self.dora = name, dora
@@ -542,17 +543,6 @@ class LoRA(method.Method):
 
   def check(self, cfg) -> None:
     _options(cfg)
-
-  def merged(self, adapted, params) -> dict:
-    return merge(adapted.module, params)
-
-  def to_peft(self, model, adapted, params):
-    tensors, config = peft_tensors(model, _hook(adapted.module), paths.flatten(params))
-    config['fan_in_fan_out'] = hf_names.family(model).fan_in_fan_out
-    return tensors, config, PEFT_PREFIX
-
-  def from_peft(self, adapted, model, path, cfg):
-    return load(adapted, model, path, cfg)
 
   def saved_options(self, adapted) -> dict:
     hook = _hook(adapted.module)

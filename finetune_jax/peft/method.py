@@ -13,6 +13,9 @@ sampling, hf_format) ask the method and never test which one it is:
   saved_options(adapted)      options an adapter file must agree on to load
 """
 from finetune_jax.peft import base
+from finetune_jax.peft import hf_common
+from finetune_jax.peft import hf_names
+from finetune_jax.peft import paths
 
 
 class Method:
@@ -57,6 +60,29 @@ class Method:
   def loads_shape(self, adapted, flat: dict, path: str, shape: tuple) -> bool:
     """Whether an adapter tensor of another shape than ours may load at `path`."""
     return False
+
+
+class Folding(Method):
+  """A method whose params sit beside the layers it changes, read by a hook
+  (peft.intercept), and fold into their weights: LoRA, DoRA, IA3.
+
+  A subclass gives, as static functions of its file: `hook(module)`,
+  `merge(module, params)`, `peft_tensors(model, hook, flat)` -> (tensors, config)
+  and `load(adapted, model, path, cfg)` (an HF PEFT dir).
+  """
+  mergeable = True
+
+  def merged(self, adapted, params) -> dict:
+    return self.merge(adapted.module, params)
+
+  def to_peft(self, model, adapted, params):
+    tensors, config = self.peft_tensors(model, self.hook(adapted.module),
+                                        paths.flatten(params))
+    config['fan_in_fan_out'] = hf_names.family(model).fan_in_fan_out
+    return tensors, config, hf_common.PEFT_PREFIX
+
+  def from_peft(self, adapted, model, path, cfg):
+    return self.load(adapted, model, path, cfg)
 
 
 _METHODS: dict[str, Method] = {}
