@@ -174,6 +174,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Execution and bookkeeping.
   # pmap: data parallel over all local devices; jit: one program over a mesh.
   c.parallel = 'pmap'
+  # float32 | bfloat16 (compute in bf16; params, gradients, optimizer state in f32) | auto (bf16
+  # on GPU/TPU, float32 on CPU, where XLA runs bf16 slower).
+  c.precision = 'auto'
   # Global; split over the devices.
   c.eval_batch_size = 256
   # Steps between evaluations on the full eval split (and one at the end).

@@ -1,4 +1,5 @@
 """Checks on a config that catch a user's mistakes before any expensive work."""
+from finetune_jax import precision
 from finetune_jax import tasks
 
 # Every shipped config has these keys (the CLI contract).
@@ -47,5 +48,8 @@ def validate(config, num_devices: int) -> None:
     if key in config and config[key] % num_devices:
       problems.append(f'{key}={config[key]} must be divisible by the '
                       f'{num_devices} devices (parallel={config.parallel!r})')
+  if config.get('precision', 'float32') not in precision.PRECISIONS:
+    problems.append(f'precision={config.precision!r} is unknown (one of '
+                    f'{", ".join(precision.PRECISIONS)})')
   if problems:
     raise ValueError('Invalid config: ' + '; '.join(problems) + '.')

@@ -4,20 +4,37 @@ Frozen params are an argument of the step, never a closed-over constant
 (that would bake them into the program as constants), and only the
 trainable pytree is differentiated. With `axis_name` (pmap) the step
 averages gradients and sums metrics over devices itself. `inputs` maps a
-batch to the model's positional arguments (see pipelines.py).
+batch to the model's positional arguments (see pipelines.py). With a
+`compute_dtype` other than float32 the model runs in it (precision.py); the
+loss, the gradients and the update stay float32.
 """
 import collections
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from finetune_jax import precision
 from finetune_jax.peft import paths
 
 # How many times each step function was traced: one compile per run.
 TRACES = collections.Counter()
 
 
-def make_train_step(module, inputs, task, tx, axis_name):
+def _forward(module, inputs, compute_dtype):
+  """(params, batch, **apply kwargs) -> the model's outputs, floats in float32."""
+  def forward(params, batch, **kwargs):
+    if compute_dtype == jnp.float32:
+      return module.apply({'params': params}, *inputs(batch), **kwargs)
+    params, args = precision.cast((params, inputs(batch)), compute_dtype)
+    outputs = module.apply({'params': params}, *args, **kwargs)
+    return precision.cast(outputs, jnp.float32)
+  return forward
+
+
+def make_train_step(module, inputs, task, tx, axis_name, compute_dtype=jnp.float32):
+  forward = _forward(module, inputs, compute_dtype)
+
   def train_step(state, frozen, batch):
     TRACES['train_step'] += 1
     rng = jax.random.fold_in(state['rng'], state['step'])
@@ -25,9 +42,8 @@ def make_train_step(module, inputs, task, tx, axis_name):
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(trainable):
-      params = paths.join(trainable, frozen)
-      outputs = module.apply({'params': params}, *inputs(batch), train=True,
-                             rngs={'dropout': rng})
+      outputs = forward(paths.join(trainable, frozen), batch, train=True,
+                        rngs={'dropout': rng})
       return task.loss_and_metrics(outputs, batch)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -43,11 +59,12 @@ def make_train_step(module, inputs, task, tx, axis_name):
   return train_step
 
 
-def make_eval_step(module, inputs, task, axis_name):
+def make_eval_step(module, inputs, task, axis_name, compute_dtype=jnp.float32):
+  forward = _forward(module, inputs, compute_dtype)
+
   def eval_step(trainable, frozen, batch):
     TRACES['eval_step'] += 1
-    params = paths.join(trainable, frozen)
-    outputs = module.apply({'params': params}, *inputs(batch), train=False)
+    outputs = forward(paths.join(trainable, frozen), batch, train=False)
     _, metrics = task.loss_and_metrics(outputs, batch)
     return jax.lax.psum(metrics, axis_name) if axis_name else metrics
   return eval_step

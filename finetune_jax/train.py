@@ -22,6 +22,7 @@ from finetune_jax import optim
 from finetune_jax import parallel
 from finetune_jax import peft
 from finetune_jax import pipelines
+from finetune_jax import precision
 from finetune_jax import sampling
 from finetune_jax import steps
 from finetune_jax import tasks
@@ -189,10 +190,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                report['optimizer_state_bytes'])
 
   axis = strategy.axis_name
+  dtype = precision.compute_dtype(config.precision)
+  logging.info('Computing in %s (precision=%s).', jax.numpy.dtype(dtype).name,
+               config.precision)
   train_step = strategy.compile_train(
-      steps.make_train_step(adapted.module, pipeline.inputs, task, tx, axis))
+      steps.make_train_step(adapted.module, pipeline.inputs, task, tx, axis, dtype))
   eval_step = strategy.compile_eval(
-      steps.make_eval_step(adapted.module, pipeline.inputs, task, axis))
+      steps.make_eval_step(adapted.module, pipeline.inputs, task, axis, dtype))
   host_frozen = frozen
   state = strategy.replicate(state)
   frozen = strategy.replicate(frozen)
