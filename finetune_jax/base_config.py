@@ -174,6 +174,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Execution and bookkeeping.
   # pmap: data parallel over all local devices; jit: one program over a mesh.
   c.parallel = 'pmap'
+  # Compute a frozen, deterministic bottom once per example and train the rest on its outputs,
+  # kept under <data_dir>/feature_cache: auto (where exact) | on (also a random bottom, in
+  # inference mode) | off. README, Speed.
+  c.cache_frozen_features = 'auto'
   # float32 | bfloat16 (compute in bf16; params, gradients, optimizer state in f32) | auto (bf16
   # on GPU/TPU, float32 on CPU, where XLA runs bf16 slower).
   c.precision = 'auto'

@@ -17,6 +17,7 @@ import tqdm
 
 from finetune_jax import checkpoint
 from finetune_jax import config_checks
+from finetune_jax import feature_cache
 from finetune_jax import models
 from finetune_jax import optim
 from finetune_jax import parallel
@@ -168,6 +169,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   pipeline = pipelines.make(config, splits, model,
                             adapted.method.reserved_positions(adapted))
   state, frozen, tx = initial_state(config, model, adapted)
+  dtype = precision.compute_dtype(config.precision)
+  cache_plan, cache = feature_cache.plan(config, model, adapted, splits, pipeline, dtype)
   workdir_lib.write_config(workdir, config)
 
   ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)
@@ -189,14 +192,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
                100 * report['trainable_params'] / report['total_params'],
                report['optimizer_state_bytes'])
 
+  module = adapted.module
+  if cache_plan:
+    module, pipeline = feature_cache.build(cache_plan, cache, config, adapted, splits,
+                                           pipeline, dtype)
   axis = strategy.axis_name
-  dtype = precision.compute_dtype(config.precision)
   logging.info('Computing in %s (precision=%s).', jax.numpy.dtype(dtype).name,
                config.precision)
   train_step = strategy.compile_train(
-      steps.make_train_step(adapted.module, pipeline.inputs, task, tx, axis, dtype))
+      steps.make_train_step(module, pipeline.inputs, task, tx, axis, dtype))
   eval_step = strategy.compile_eval(
-      steps.make_eval_step(adapted.module, pipeline.inputs, task, axis, dtype))
+      steps.make_eval_step(module, pipeline.inputs, task, axis, dtype))
   host_frozen = frozen
   state = strategy.replicate(state)
   frozen = strategy.replicate(frozen)
@@ -255,6 +261,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
              'method': config.peft.method,
              'trainable_percent': 100 * report['trainable_params'] / report['total_params'],
              'train_examples_per_sec': examples_per_sec,
+             'feature_cache': cache.report(),
              'wall_s': time.time() - start_time, **report}
   workdir_lib.write_results(workdir, results)
   return results
