@@ -6,10 +6,13 @@ inference mode, AdamW with a body learning rate about 10x below pre-training.
 
   python -m finetune_jax.main --config configs/default.py --workdir runs/default
 
-Measured (2-core CPU, `make demo` in a fresh clone): 0.9231 test accuracy on
-the full 10k test split (0.9097 at step 700), 442 s `wall_s`, 225 train
-img/s. On one H100 (JAX 0.11.2, CUDA): 0.9200, 69 s `wall_s`, 7.1k train
-img/s. `:smoke` runs 6 steps to check the wiring.
+Measured (2-core CPU, `make demo`): 0.9205 test accuracy on the full 10k
+test split (0.9091 at step 700), 397 s `wall_s`, 252 train img/s, on an AMD
+EPYC with AVX and FMA but no AVX2; 0.9231 on the earlier machines (XLA:CPU's
+kernels, and so the last digits, follow the instruction set; README).
+`--config.precision=bfloat16` gives 0.9218. On one H100 (JAX 0.11.2, CUDA):
+0.9200, 69 s `wall_s`, 7.1k train img/s. `:smoke` runs 6 steps to check the
+wiring.
 """
 import ml_collections
 
