@@ -93,6 +93,10 @@ def test_the_key_covers_model_params_data_and_preprocessing():
     assert other.directories['eval'] != plan.directories['eval'], what
   same_train = _plan(others['another eval split'])[0]
   assert same_train.directories['train'] == plan.directories['train']
+  # The split's own spec counts, not just its size.
+  other_half = _plan(config_for(**{'peft.method': 'linear_probe', **ON,
+                                   'eval_split': 'train[50%:]'}))[0]
+  assert other_half.directories['eval'] != same_train.directories['eval']
 
 
 def test_auto_stays_off_where_caching_is_not_exact_and_says_why():
