@@ -178,6 +178,9 @@ def get_config() -> ml_collections.ConfigDict:
   # kept under <data_dir>/feature_cache: auto (where exact) | on (also a random bottom, in
   # inference mode) | off. README, Speed.
   c.cache_frozen_features = 'auto'
+  # The CLI keeps compiled programs here (JAX's persistent compilation cache), so a repeated run
+  # or a sweep's next run skips most of its startup; '' turns it off.
+  c.compilation_cache_dir = '~/.cache/finetune_jax/jax'
   # float32 | bfloat16 (compute in bf16; params, gradients, optimizer state in f32) | auto (bf16
   # on GPU/TPU, float32 on CPU, where XLA runs bf16 slower).
   c.precision = 'auto'

@@ -194,3 +194,17 @@ def test_cli_prints_a_user_error_as_one_line(tmp_path):
   verbose = run_cli(tmp_path / 'run', '--config.dataset=fashion_mnits', '--verbose')
   assert verbose.returncode != 0 and 'Traceback' in verbose.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_the_cli_keeps_compiled_programs_for_the_next_run(tmp_path):
+  cache = tmp_path / 'jax_cache'
+  flag = f'--config.compilation_cache_dir={cache}'
+  first = run_cli(tmp_path / 'a', flag)
+  assert first.returncode == 0, first.stderr[-3000:]
+  entries = set(os.listdir(cache))
+  assert entries  # the step programs, written by the first run
+  second = run_cli(tmp_path / 'b', flag)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert set(os.listdir(cache)) >= entries
+  read = lambda run: json.loads((tmp_path / run / 'results.json').read_text())['final']
+  assert read('a') == read('b')  # a program read back computes what a fresh compile does
