@@ -246,7 +246,7 @@ def torch_side(w: Workload, hf_dir: str):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-  return one_step, {'threads': torch.get_num_threads()}
+  return one_step, {}
 
 
 def worker(side: str, name: str, hf_dir: str, precision: str, conn) -> None:
@@ -292,7 +292,7 @@ def run(name: str, rounds: int, precision: str, sides=('jax', 'torch')) -> dict:
       process.join()
   ours = statistics.median(times['jax'])
   theirs = statistics.median(times['torch']) if 'torch' in times else float('nan')
-  facts.setdefault('torch', {'peak_rss_bytes': float('nan'), 'threads': 0})
+  facts.setdefault('torch', {'peak_rss_bytes': float('nan')})
   gflops = facts['jax']['flops'] / ours / 1e9
   return {'workload': name, 'ours_s': ours, 'torch_s': theirs, 'speedup': theirs / ours,
           'ours_ex_s': w.batch / ours, 'torch_ex_s': w.batch / theirs,
@@ -301,8 +301,7 @@ def run(name: str, rounds: int, precision: str, sides=('jax', 'torch')) -> dict:
           'matmul_share': gflops / facts['jax']['matmul_gflops'],
           'xla_mib': facts['jax']['xla_bytes'] / 2**20,
           'ours_rss_mib': facts['jax']['peak_rss_bytes'] / 2**20,
-          'torch_rss_mib': facts['torch']['peak_rss_bytes'] / 2**20,
-          'torch_threads': facts['torch']['threads']}
+          'torch_rss_mib': facts['torch']['peak_rss_bytes'] / 2**20}
 
 
 COLUMNS = [('workload', '{}'), ('ours_s', '{:.3f}'), ('torch_s', '{:.3f}'),

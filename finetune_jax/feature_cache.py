@@ -133,9 +133,9 @@ def boundary(model, adapted) -> tuple[str | None, str]:
   return order[first], ''
 
 
-def _sha256_arrays(tree: dict) -> str:
+def _sha256_arrays(flat: dict) -> str:
   h = hashlib.sha256()
-  for p, v in sorted(paths.flatten(tree).items()):
+  for p, v in sorted(flat.items()):
     v = np.ascontiguousarray(np.asarray(v))
     h.update(f'{p}:{v.dtype}:{v.shape};'.encode())
     h.update(v.tobytes())
@@ -148,8 +148,8 @@ def _data_fingerprint(split) -> dict:
   where = getattr(info, 'data_dir', None)
   if not where or not os.path.isdir(where):
     raise ValueError('no files to key the cache by')
-  files = sorted((f, os.stat(os.path.join(where, f)).st_size,
-                  os.stat(os.path.join(where, f)).st_mtime_ns) for f in os.listdir(where))
+  stats = {f: os.stat(os.path.join(where, f)) for f in os.listdir(where)}
+  files = sorted((f, st.st_size, st.st_mtime_ns) for f, st in stats.items())
   return {'dir': os.path.abspath(where), 'files': files, 'examples': split.num_examples,
           'split': str(getattr(split.source, 'split', ''))}
 
@@ -245,11 +245,11 @@ def plan(config, model, adapted, splits, pipeline, dtype) -> tuple[Plan | None, 
   probe = next(data.eval_batches(splits['train'], batch_size=2,
                                  transform=_transforms(config, splits)['train']))
   args = pipeline.inputs(probe)
-  params = precision.cast(adapted.params, dtype)
-  args = precision.cast(args, dtype)
+  # Abstract: the casts and the bottom are traced, never computed or compiled.
   shape_of = lambda train: jax.eval_shape(
-      lambda p, a: bottom_output(adapted.module, block, p, a, train=train), params, args)
-  try:  # Abstract evaluation: nothing computes or compiles here.
+      lambda p, a: bottom_output(adapted.module, block, *precision.cast((p, a), dtype),
+                                 train=train), adapted.params, args)
+  try:
     shape, train_mode = shape_of(True), True
   except flax.errors.InvalidRngError:
     if mode == 'auto':
@@ -268,7 +268,7 @@ def plan(config, model, adapted, splits, pipeline, dtype) -> tuple[Plan | None, 
   bottom = {p: v for p, v in paths.flatten(adapted.params).items()
             if p.split('/', 1)[0] in below}
   key = {'version': _VERSION, 'model': model.config, 'block': block,
-         'bottom_params': _sha256_arrays(paths.unflatten(bottom)),
+         'bottom_params': _sha256_arrays(bottom),
          'dtype': jnp.dtype(dtype).name, 'train_mode': train_mode,
          'image_size': config.image_size, 'eval_crop_ratio': config.eval_crop_ratio,
          'dataset': config.dataset}
@@ -290,7 +290,7 @@ def plan(config, model, adapted, splits, pipeline, dtype) -> tuple[Plan | None, 
     if total_bytes > MAX_BYTES:
       return cannot(f'the cache would take {total_bytes / 2**30:.1f} GiB (over '
                     f'{MAX_BYTES / 2**30:.0f}); cache_frozen_features=on builds it anyway')
-  input_shapes = jax.eval_shape(lambda a: a, pipeline.inputs(probe))
+  input_shapes = jax.eval_shape(lambda a: a, args)
   return (Plan(block, train_mode, directories, input_shapes, key, warm),
           Decision(True, 'exact' if train_mode else 'inference-mode bottom (on)', block, warm))
 

@@ -3,7 +3,6 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -11,7 +10,6 @@ from finetune_jax import errors
 from finetune_jax import feature_cache
 from finetune_jax import pipelines
 from finetune_jax import train
-from finetune_jax.peft import paths
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
 import vit  # noqa: E402  (configs/vit.py)
