@@ -25,10 +25,10 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax.models import attention
 from finetune_jax.models import host_init
 from finetune_jax.models import layers
 from finetune_jax.models import preprocessing
@@ -239,10 +239,11 @@ class SelfAttention(nn.Module):
       return y.reshape(batch, length, self.num_heads, head_dim)
 
     q, k, v = project('query'), project('key'), project('value')
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(head_dim)
-    weights = jax.nn.softmax(logits, axis=-1)
-    weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=not train)
-    y = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, length, width)
+    dropout = train and self.attention_dropout_rate > 0.0
+    y = attention.dot_product_attention(
+        q, k, v, dropout_rate=self.attention_dropout_rate,
+        dropout_rng=self.make_rng('dropout') if dropout else None, deterministic=not dropout)
+    y = y.reshape(batch, length, width)
     return nn.Dense(width, kernel_init=_xavier, name='out')(y)
 
 
