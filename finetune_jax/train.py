@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import resource
 import sys
 import time
 
@@ -113,6 +114,12 @@ def sample_texts(config, model, adapted, trainable, frozen) -> list[dict]:
       temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
       rng=jax.random.PRNGKey(config.seed))
   return [{'prompt': p, 'text': t} for p, t in zip(gen.prompts, texts)]
+
+
+def peak_memory_bytes() -> int:
+  """The process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak if sys.platform == 'darwin' else peak * 1024
 
 
 def model_options(config) -> dict:
@@ -262,6 +269,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
              'trainable_percent': 100 * report['trainable_params'] / report['total_params'],
              'train_examples_per_sec': examples_per_sec,
              'feature_cache': cache.report(),
+             'peak_memory_bytes': peak_memory_bytes(),
              'wall_s': time.time() - start_time, **report}
   workdir_lib.write_results(workdir, results)
   return results
