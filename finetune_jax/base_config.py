@@ -29,6 +29,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data_dir = config_dict.placeholder(str)
   # Evaluated in full.
   c.eval_split = 'test'
+  # Held out of train and evaluated beside eval_split as val_*, for choosing settings: a count, or
+  # a fraction below 1; 0: none. Picked by the seed, stratified by class where there are classes.
+  c.validation_examples = 0.0
+  # Train on a subset of what train keeps after validation (data-efficiency studies): a count, or a
+  # fraction below 1; 0: all. Picked as validation is.
+  c.train_examples = 0.0
   # image_classification | text_classification | causal_lm.
   c.task = 'image_classification'
   # Size of the new head (classification tasks).

@@ -150,8 +150,11 @@ def _data_fingerprint(split) -> dict:
     raise ValueError('no files to key the cache by')
   stats = {f: os.stat(os.path.join(where, f)) for f in os.listdir(where)}
   files = sorted((f, st.st_size, st.st_mtime_ns) for f, st in stats.items())
-  return {'dir': os.path.abspath(where), 'files': files, 'examples': split.num_examples,
-          'split': str(getattr(split.source, 'split', ''))}
+  out = {'dir': os.path.abspath(where), 'files': files, 'examples': split.num_examples,
+         'split': str(getattr(split.source, 'split', ''))}
+  if isinstance(split.source, data.Subset):  # validation, or a train_examples subset
+    out['indices'] = hashlib.sha256(split.source.indices.tobytes()).hexdigest()
+  return out
 
 
 def cache_root(config) -> str:
@@ -298,8 +301,9 @@ def plan(config, model, adapted, splits, pipeline, dtype) -> tuple[Plan | None, 
 def _transforms(config, splits) -> dict:
   from finetune_jax import pipelines  # pylint: disable=g-import-not-at-top
   if pipelines.needs_host_transform(splits['train'], config):
-    return dict(zip(('train', 'eval'), pipelines.make_image_transforms(config)))
-  return {'train': None, 'eval': None}
+    train, eval_ = pipelines.make_image_transforms(config)
+    return {'train': train, 'eval': eval_, 'val': eval_}
+  return {'train': None, 'eval': None, 'val': None}
 
 
 def build(plan_: Plan, decision: Decision, config, adapted, splits, pipeline, dtype):
@@ -339,8 +343,11 @@ def build(plan_: Plan, decision: Decision, config, adapted, splits, pipeline, dt
   as_split = lambda role: data.Split(cached[role], len(cached[role]),
                                      splits[role].num_classes, splits[role].class_names)
   train_split, eval_split = as_split('train'), as_split('eval')
+  val_split = as_split('val') if 'val' in cached else None
   return FromFeatures(adapted.module, block), pipelines.Pipeline(
       train=lambda start_step: data.train_batches(
           train_split, batch_size=config.batch_size, seed=config.seed, start_step=start_step),
       eval=lambda: data.eval_batches(eval_split, batch_size=config.eval_batch_size),
-      inputs=inputs, describe=f'cached features at the input of {block}')
+      inputs=inputs, describe=f'cached features at the input of {block}',
+      validation=(lambda: data.eval_batches(val_split, batch_size=config.eval_batch_size))
+      if val_split else None)

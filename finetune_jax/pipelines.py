@@ -23,6 +23,8 @@ class Pipeline:
   eval: Callable[[], Iterator[dict]]  # one padded pass with a 'mask'
   inputs: Callable[[dict], tuple]  # batch -> model args, traced in the step
   describe: str = ''
+  # One pass over the validation examples held out of train, where there are any.
+  validation: Callable[[], Iterator[dict]] | None = None
 
 
 def open_dataset(config) -> dict:
@@ -31,6 +33,8 @@ def open_dataset(config) -> dict:
                            on_bad_image=config.folder_on_bad_image)
   splits = {'train': load(config.dataset, 'train'),
             'eval': load(config.dataset, config.eval_split)}
+  if config.task == 'image_classification':  # text splits are carved once tokenized
+    splits.update(carve(config, splits['train']))
   classes = splits['train'].num_classes
   if config.task == 'causal_lm':
     if 'text' not in splits['train'].source[0]:
@@ -39,6 +43,18 @@ def open_dataset(config) -> dict:
     raise ValueError(f'num_classes={config.num_classes} but dataset {config.dataset!r} '
                      f'has {classes} classes; set --config.num_classes.')
   return splits
+
+
+def carve(config, train) -> dict:
+  """{'train': what trains, 'val': the held-out examples (where any)}: config's
+  validation_examples and train_examples, picked by the seed."""
+  train, val = data.carve(train, validation=config.validation_examples,
+                          train_examples=config.train_examples, seed=config.seed,
+                          stratify=config.task != 'causal_lm', name=f'{config.dataset}[train]')
+  if config.validation_examples or config.train_examples:
+    logging.info('%s[train]: %d examples train, %d validate.', config.dataset,
+                 train.num_examples, 0 if val is None else val.num_examples)
+  return {'train': train, **({'val': val} if val is not None else {})}
 
 
 def make(config, splits: dict, model, reserved_positions: int = 0) -> Pipeline:
@@ -93,7 +109,9 @@ def _images(config, splits, model) -> Pipeline:
           worker_count=config.worker_count),
       eval=lambda: data.eval_batches(splits['eval'], batch_size=config.eval_batch_size,
                                      transform=eval_transform),
-      inputs=lambda batch: (preprocess(batch['image']),))
+      inputs=lambda batch: (preprocess(batch['image']),),
+      validation=(lambda: data.eval_batches(splits['val'], batch_size=config.eval_batch_size,
+                                            transform=eval_transform)) if 'val' in splits else None)
 
 
 # -------------------------------------------------------------------- text
@@ -123,6 +141,8 @@ def _text(config, model, reserved_positions: int) -> Pipeline:
   load = functools.partial(data.load_text_split, tokenizer=tokenizer,
                            data_dir=config.data_dir)
   train_split, eval_split = load(config.dataset, 'train'), load(config.dataset, config.eval_split)
+  carved = carve(config, train_split)
+  train_split, val_split = carved['train'], carved.get('val')
   inputs = lambda batch: (batch['input_ids'], batch['attention_mask'])
   if config.task == 'causal_lm':
     # Packing cuts the token stream into rows of max_length: a long document
@@ -140,7 +160,9 @@ def _text(config, model, reserved_positions: int) -> Pipeline:
             start_step=start_step, **shared),
         eval=lambda: data.packed_lm_eval_batches(
             eval_split, batch_size=config.eval_batch_size, **shared),
-        inputs=inputs, describe=f'packed rows of {text.max_length} tokens')
+        inputs=inputs, describe=f'packed rows of {text.max_length} tokens',
+        validation=(lambda: data.packed_lm_eval_batches(
+            val_split, batch_size=config.eval_batch_size, **shared)) if val_split else None)
   for name, split in (('train', train_split), (config.eval_split, eval_split)):
     truncated = data.check_lengths(split, text.max_length, text.truncate,
                                    what=f'{config.dataset}[{name}]')
@@ -158,4 +180,7 @@ def _text(config, model, reserved_positions: int) -> Pipeline:
           start_step=start_step, truncate=text.truncate, **shared),
       eval=lambda: data.text_eval_batches(eval_split, batch_size=config.eval_batch_size,
                                           sort_by_length=True, **shared),
-      inputs=inputs, describe=f'padded to buckets {list(buckets)}')
+      inputs=inputs, describe=f'padded to buckets {list(buckets)}',
+      validation=(lambda: data.text_eval_batches(val_split, batch_size=config.eval_batch_size,
+                                                 sort_by_length=True, **shared))
+      if val_split else None)

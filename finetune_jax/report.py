@@ -179,8 +179,11 @@ def _numeric(column) -> bool:
 def _cell(mean, std, n) -> str:
   if mean is None or (isinstance(mean, float) and math.isnan(mean)):
     return ''
-  text = f'{mean:.4g}'
-  return f'{text} ± {std:.2g}' if n > 1 and std == std else text
+  big = abs(mean) >= 1000  # counts, bytes and seconds: whole numbers read better
+  text = f'{mean:,.0f}' if big else f'{mean:.4g}'
+  if n > 1 and std == std:
+    text += f' ± {std:,.0f}' if big else f' ± {std:.2g}'
+  return text
 
 
 def markdown(table, keys: list[str], selection) -> str:

@@ -96,12 +96,19 @@ MAX_IN_FLIGHT = 8
 
 
 def evaluate(eval_step, state, frozen, pipeline, task, strategy) -> dict:
-  sums = []
-  for batch in pipeline.eval():
-    sums.append(eval_step(state['trainable'], frozen, strategy.shard(batch)))
-    if len(sums) % MAX_IN_FLIGHT == 0:
-      jax.block_until_ready(sums[-1])
-  return task.finalize(_host_sum(sums, strategy), prefix='eval_')
+  """The eval split's metrics (eval_*), and the validation split's (val_*) where held out."""
+  passes = {'val_': pipeline.validation, 'eval_': pipeline.eval}
+  metrics = {}
+  for prefix, batches in passes.items():
+    if batches is None:
+      continue
+    sums = []
+    for batch in batches():
+      sums.append(eval_step(state['trainable'], frozen, strategy.shard(batch)))
+      if len(sums) % MAX_IN_FLIGHT == 0:
+        jax.block_until_ready(sums[-1])
+    metrics.update(task.finalize(_host_sum(sums, strategy), prefix=prefix))
+  return metrics
 
 
 def sample_texts(config, model, adapted, trainable, frozen) -> list[dict]:

@@ -17,7 +17,8 @@ from finetune_jax import peft
 # like may change, which is how a finished run is extended. Of `peft`, only
 # the chosen method's own fields count (`peft.lora.rank` is no bitfit run's).
 IDENTITY_KEYS = ('pretrained', 'dataset', 'task', 'num_classes', 'image_size',
-                 'text.pooling', 'dont_load', 'peft', 'optimizer.name')
+                 'text.pooling', 'dont_load', 'peft', 'optimizer.name',
+                 'validation_examples', 'train_examples')
 
 
 _ABSENT = object()

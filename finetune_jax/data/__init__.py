@@ -36,6 +36,8 @@ from finetune_jax.data.mnist5k import Mnist5k
 from finetune_jax.data.packing import packed_lm_batches
 from finetune_jax.data.packing import packed_lm_eval_batches
 from finetune_jax.data.pipeline import Split
+from finetune_jax.data.pipeline import Subset
+from finetune_jax.data.pipeline import carve
 from finetune_jax.data.pipeline import eval_batches
 from finetune_jax.data.pipeline import train_batches
 from finetune_jax.data.text import TextSplit
@@ -46,7 +48,7 @@ from finetune_jax.data.text import prepare_tokenized
 from finetune_jax.data.text import text_batches
 from finetune_jax.data.text import text_eval_batches
 
-__all__ = ['DATASETS', 'Split', 'load_split', 'train_batches', 'eval_batches',
+__all__ = ['DATASETS', 'Split', 'Subset', 'carve', 'load_split', 'train_batches', 'eval_batches',
            'prepare', 'make_image_transform', 'TextSplit', 'load_text_split',
            'prepare_tokenized', 'check_lengths', 'bucket_lengths',
            'text_batches', 'text_eval_batches', 'packed_lm_batches',

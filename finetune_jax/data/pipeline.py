@@ -34,6 +34,99 @@ class Split:
   num_classes: int | None
   class_names: list[str] | None
 
+  def subset(self, indices: np.ndarray) -> 'Split':
+    """The examples at `indices` (sorted, unique) as a split of their own."""
+    return dataclasses.replace(self, source=Subset(self.source, indices),
+                               num_examples=len(indices))
+
+
+class Subset:
+  """Examples `indices` of a source, read through it (batched where it can).
+
+  The wrapped source's attributes (`dataset_info`, `split`) stay visible, and
+  `indices` is part of what identifies it (the feature cache keys on it).
+  """
+
+  def __init__(self, source, indices: np.ndarray):
+    self.base, self.indices = source, np.asarray(indices, np.int64)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.base[int(self.indices[i])]
+
+  def __getitems__(self, indices):
+    return read_examples(self.base, self.indices[np.asarray(indices, np.int64)].tolist())
+
+  def __getattr__(self, name):
+    if name in ('base', 'indices'):  # not set yet (unpickling)
+      raise AttributeError(name)
+    return getattr(self.base, name)
+
+
+def labels(split: Split) -> np.ndarray:
+  """Every example's label (int64 [N]), read in batches."""
+  out = []
+  for start in range(0, split.num_examples, 4096):
+    stop = min(start + 4096, split.num_examples)
+    out += [int(ex['label']) for ex in read_examples(split.source, list(range(start, stop)))]
+  return np.asarray(out, np.int64)
+
+
+def pick(count: int, total: int, seed: int, labels_: np.ndarray | None = None) -> np.ndarray:
+  """`count` of `total` example indices (sorted), a pure function of the seed.
+
+  With labels, the pick is stratified: each class gets its share of `count`
+  (largest remainders break the rounding), so the subset keeps the class balance.
+  """
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5eed]))
+  if labels_ is None:
+    return np.sort(rng.permutation(total)[:count])
+  classes, sizes = np.unique(labels_, return_counts=True)
+  quota = sizes * count / total
+  take = np.floor(quota).astype(np.int64)
+  extra = np.argsort(-(quota - take), kind='stable')[:count - take.sum()]
+  take[extra] += 1
+  chosen = [rng.permutation(np.flatnonzero(labels_ == c))[:k] for c, k in zip(classes, take)]
+  return np.sort(np.concatenate(chosen))
+
+
+def as_count(value: float, total: int, name: str) -> int:
+  """A count (>= 1) or a fraction (< 1) of `total`; 0 stays 0."""
+  if value < 0:
+    raise ValueError(f'{name}={value} must be >= 0 (a count, or a fraction below 1).')
+  count = int(round(value * total)) if value < 1 else int(value)
+  if value and not count:
+    raise ValueError(f'{name}={value} selects no example of {total}; use a larger fraction.')
+  return count
+
+
+def carve(split: Split, *, validation: float, train_examples: float, seed: int,
+          stratify: bool, name: str) -> tuple[Split, Split | None]:
+  """(train, validation) from a train split: the validation examples first, then a
+  subset of the rest to train on; both stratified by class where `stratify`."""
+  total = split.num_examples
+  n_val = as_count(validation, total, 'validation_examples')
+  if n_val >= total:
+    raise ValueError(f'validation_examples={validation} takes {n_val} of the {total} examples '
+                     f'of {name}, leaving none to train on; use fewer.')
+  n_train = as_count(train_examples, total - n_val, 'train_examples')
+  if n_train > total - n_val:
+    raise ValueError(f'train_examples={train_examples} is more than the {total - n_val} '
+                     f'examples of {name} left to train on'
+                     + (f' after {n_val} for validation' if n_val else '') + '; use fewer.')
+  if not n_val and not n_train:
+    return split, None
+  labels_ = labels(split) if stratify else None
+  val_idx = pick(n_val, total, seed, labels_) if n_val else np.zeros(0, np.int64)
+  rest = np.setdiff1d(np.arange(total), val_idx)
+  train_idx = rest
+  if n_train:
+    chosen = pick(n_train, len(rest), seed + 1, None if labels_ is None else labels_[rest])
+    train_idx = rest[chosen]
+  return split.subset(train_idx), (split.subset(val_idx) if n_val else None)
+
 
 def train_batches(split: Split, *, batch_size: int, seed: int,
                   start_step: int = 0, transform: Callable | None = None,

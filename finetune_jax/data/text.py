@@ -82,6 +82,9 @@ class TextSplit(pipeline.Split):
   name: str  # e.g. 'fortunes[train]', for messages
   version_dir: str
 
+  def subset(self, indices: np.ndarray) -> 'TextSplit':
+    return dataclasses.replace(super().subset(indices), lengths=self.lengths[indices])
+
 
 # ------------------------------------------------------------ tokenizers
 
