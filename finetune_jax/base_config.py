@@ -200,6 +200,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   # Checkpoints kept.
   c.max_to_keep = 2
+  # Also keep the checkpoint of the eval with the best val_accuracy (val_loss for causal_lm; the
+  # latest of equals) in
+  # <workdir>/best_checkpoint/; results.json reports its step and metrics as `best`. Needs
+  # validation_examples.
+  c.keep_best = False
   # Steps between train-metric events.
   c.log_every = 50
   # grain worker processes for the input pipeline.

@@ -12,20 +12,34 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-class Checkpointer:
+# keep_best's checkpoint: the one with the best validation metric, beside the latest ones.
+BEST_DIR = 'best_checkpoint'
 
-  def __init__(self, workdir: str, max_to_keep: int):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+
+class Checkpointer:
+  """The latest `max_to_keep` checkpoints, or with `best=(metric, higher_is_better)`
+  the one best by that metric (orbax's best_fn), in `BEST_DIR`."""
+
+  def __init__(self, workdir: str, max_to_keep: int, best: tuple[str, bool] | None = None):
+    self.directory = os.path.abspath(os.path.join(workdir, BEST_DIR if best else 'checkpoints'))
+    options = dict(max_to_keep=max_to_keep, create=True)
+    if best:
+      metric, higher = best
+      options.update(max_to_keep=1, best_fn=lambda metrics: metrics[metric],
+                     best_mode='max' if higher else 'min')
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(**options))
 
   def latest_step(self):
     return self._manager.latest_step()
 
-  def save(self, step: int, state) -> None:
+  def best_step(self):
+    return self._manager.best_step()
+
+  def save(self, step: int, state, metrics: dict | None = None) -> None:
     """Saves a host copy of `state`; returns while the write finishes."""
-    self._manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)))
+    self._manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)),
+                       metrics=metrics)
 
   def restore(self, like, step=None):
     """The state saved at `step` (default: latest), shaped like `like`."""

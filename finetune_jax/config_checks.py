@@ -51,5 +51,8 @@ def validate(config, num_devices: int) -> None:
   if config.get('precision', 'float32') not in precision.PRECISIONS:
     problems.append(f'precision={config.precision!r} is unknown (one of '
                     f'{", ".join(precision.PRECISIONS)})')
+  if config.get('keep_best') and not config.get('validation_examples'):
+    problems.append('keep_best selects on validation metrics, but validation_examples=0 holds '
+                    'none out (--config.validation_examples=0.1, for example)')
   if problems:
     raise ValueError('Invalid config: ' + '; '.join(problems) + '.')

@@ -105,6 +105,11 @@ class CausalLM:
     return out
 
 
+def selection_metric(task: str) -> tuple[str, bool]:
+  """(validation metric that keep_best selects on, whether higher is better)."""
+  return ('val_loss', False) if task == 'causal_lm' else ('val_accuracy', True)
+
+
 TASKS = ('image_classification', 'text_classification', 'causal_lm')
 CLASSIFICATION = ('image_classification', 'text_classification')
 

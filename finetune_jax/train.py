@@ -188,6 +188,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   workdir_lib.write_config(workdir, config)
 
   ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)
+  best_ckpt = (checkpoint.Checkpointer(workdir, 1, best=tasks.selection_metric(config.task))
+               if config.keep_best else None)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
     logging.info('Resumed from step %d of %s.', state['step'], ckpt.directory)
@@ -195,7 +197,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results = workdir_lib.read_results(workdir)
   if start_step >= config.total_steps and results and results['steps'] >= start_step:
     logging.info('Run already finished at step %d: %s', start_step, results['final'])
-    ckpt.close()
+    for manager in filter(None, (ckpt, best_ckpt)):
+      manager.close()
     return results
 
   report = {'trainable_params': paths.count(state['trainable']),
@@ -227,6 +230,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def run_eval(step):
     metrics = evaluate(eval_step, state, frozen, pipeline, task, strategy)
     writer.write(step, 'eval', metrics)
+    if best_ckpt:  # orbax keeps it only while it is the best
+      best_ckpt.save(step, strategy.unreplicate(state), metrics=metrics)
     logging.info('step %d: %s', step, metrics)
     if config.task == 'causal_lm' and config.generation.prompts:
       samples = sample_texts(config, model, adapted,
@@ -267,11 +272,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if not eval_metrics:  # Resumed exactly at the end: evaluate what was restored.
     eval_metrics = evaluate(eval_step, state, frozen, pipeline, task, strategy)
   ckpt.close()
+  best = None
+  if best_ckpt:
+    step = best_ckpt.best_step()
+    best_ckpt.close()
+    best = {'step': step, **(workdir_lib.read_event(workdir, step, 'eval') or {})}
   writer.close()
 
   initial = workdir_lib.read_event(workdir, 0, 'eval')
   results = {'final': eval_metrics, 'steps': config.total_steps,
              **({'initial': initial} if initial else {}),
+             **({'best': best} if best else {}),
              'method': config.peft.method,
              'trainable_percent': 100 * report['trainable_params'] / report['total_params'],
              'train_examples_per_sec': examples_per_sec,

@@ -55,12 +55,13 @@ def test_carve_refuses_what_the_split_cannot_give(kwargs, message):
 
 
 @pytest.mark.slow
-def test_a_run_reports_validation_and_test_at_every_eval(tmp_path):
+def test_a_run_reports_validation_and_test_at_every_eval_and_keeps_the_best(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'finetune_jax.main', '--config=configs/default.py:smoke',
        f'--workdir={tmp_path}', '--config.pretrained=efficientnet-lite-tiny',
        '--config.dataset=mnist5k', '--config.image_size=32', '--config.peft.num_frozen_blocks=2',
-       '--config.validation_examples=0.1', '--config.train_examples=1000'],
+       '--config.validation_examples=0.1', '--config.train_examples=1000',
+       '--config.keep_best=True', '--config.eval_every=2', '--config.learning_rate=0.01'],
       capture_output=True, text=True, cwd=ROOT, env={**os.environ, 'XLA_FLAGS': ''}, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'examples train, ' in proc.stderr and '1000 examples train' in proc.stderr
@@ -68,8 +69,39 @@ def test_a_run_reports_validation_and_test_at_every_eval(tmp_path):
   assert {'val_accuracy', 'val_loss', 'eval_accuracy', 'eval_loss'} <= set(results['final'])
   events = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   evals = [e for e in events if e['split'] == 'eval']
-  assert [e['step'] for e in evals] == [3, 6]
+  assert [e['step'] for e in evals] == [2, 4, 6]
   assert all('val_accuracy' in e and 'eval_accuracy' in e for e in evals)
+  # keep_best: orbax kept the checkpoint of the best validation accuracy (the
+  # latest of equals), and results.json reports that eval.
+  best = max(evals, key=lambda e: (e['val_accuracy'], e['step']))
+  assert results['best'] == {k: v for k, v in best.items() if k != 'split'}
+  assert os.listdir(tmp_path / 'best_checkpoint') == [str(best['step'])]
+
+
+@pytest.mark.parametrize('metric,higher,values,best', [
+    ('val_accuracy', True, [0.5, 0.9, 0.7], 1), ('val_loss', False, [3.0, 1.0, 2.0, 1.5], 1),
+    ('val_accuracy', True, [0.1, 0.2, 0.3], 2)])
+def test_the_best_checkpoint_is_the_best_by_its_metric(tmp_path, metric, higher, values, best):
+  from finetune_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  ckpt = checkpoint.Checkpointer(str(tmp_path), 1, best=(metric, higher))
+  for step, value in enumerate(values):
+    ckpt.save(step, {'w': np.full(3, step, np.float32)}, metrics={metric: value})
+  assert ckpt.best_step() == best
+  ckpt.close()
+  assert os.listdir(tmp_path / checkpoint.BEST_DIR) == [str(best)]
+  restored = checkpoint.Checkpointer(str(tmp_path), 1, best=(metric, higher)).restore(
+      {'w': np.zeros(3, np.float32)}, best)
+  np.testing.assert_array_equal(restored['w'], np.full(3, best))
+
+
+def test_keep_best_without_validation_is_refused():
+  from finetune_jax import config_checks  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.join(ROOT, 'configs'))
+  import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.keep_best = True
+  with pytest.raises(ValueError, match='keep_best selects on validation metrics'):
+    config_checks.validate(config, 1)
 
 
 def test_too_many_train_examples_fail_before_anything_is_written(tmp_path):
