@@ -36,10 +36,6 @@ from finetune_jax.peft import paths
 FORMATS = ('peft', 'merged', 'adapter')
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'A run directory (config.json + checkpoints/).')
-flags.DEFINE_enum('format', None, FORMATS, 'What to write; see the module docstring.')
-flags.DEFINE_string('out', None, 'The directory to write.')
-flags.DEFINE_integer('step', None, 'The checkpoint step to export; default: the latest.')
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -51,17 +47,21 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def restore(workdir: str, config, step: int | None = None):
-  """(model, adapted, trained params, step): the run's model with its checkpoint."""
-  checkpoints = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
-    raise ValueError(f'{workdir} has no checkpoint yet; export a run after its first '
-                     'checkpoint (config.checkpoint_every steps).')
+def restore(workdir: str, config, step: int | None = None, best: tuple | None = None):
+  """(model, adapted, trained params, step): the run's model with its checkpoint.
+
+  best: keep_best's (metric, higher_is_better), to read the best checkpoint instead.
+  """
+  name = checkpoint.BEST_DIR if best else 'checkpoints'
+  checkpoints = os.path.join(workdir, name)
+  if not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints)):
+    raise ValueError(f'{workdir} has no finished checkpoint in {name}/ yet; use a run after its '
+                     'first checkpoint (config.checkpoint_every steps).')
   model, adapted = train.build_model(config, missing_adapter_ok=True)
   like, frozen, _ = train.initial_state(config, model, adapted)
-  ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)
+  ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep, best=best)
   try:
-    step = ckpt.latest_step() if step is None else step
+    step = (ckpt.best_step() if best else ckpt.latest_step()) if step is None else step
     state = ckpt.restore(like, step)
   finally:
     ckpt.close()
@@ -95,5 +95,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: predict.py imports this module and has flags of its own.
+  flags.DEFINE_string('workdir', None, 'A run directory (config.json + checkpoints/).')
+  flags.DEFINE_enum('format', None, FORMATS, 'What to write; see the module docstring.')
+  flags.DEFINE_string('out', None, 'The directory to write.')
+  flags.DEFINE_integer('step', None, 'The checkpoint step to export; default: the latest.')
   flags.mark_flags_as_required(['workdir', 'format', 'out'])
   cli.run(main)

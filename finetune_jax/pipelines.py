@@ -124,6 +124,13 @@ def _token_id(tokenizer, *candidates):
   return None
 
 
+def pad_id(model) -> int:
+  """The token that pads a classifier's batches (masked out, so any id would do)."""
+  pad = model.config.get('pad_token_id')
+  pad = _token_id(model.tokenizer, '[PAD]', '<pad>') if pad is None else pad
+  return 0 if pad is None else pad
+
+
 def _text(config, model, reserved_positions: int) -> Pipeline:
   """Tokenized once into the data dir (per tokenizer), then bucketed or packed."""
   tokenizer = model.tokenizer
@@ -169,9 +176,7 @@ def _text(config, model, reserved_positions: int) -> Pipeline:
     if truncated:
       logging.info('%s[%s]: %d of %d texts truncated to %d tokens (text.truncate).',
                    config.dataset, name, truncated, split.num_examples, text.max_length)
-  pad = model.config.get('pad_token_id')
-  pad = _token_id(tokenizer, '[PAD]', '<pad>') if pad is None else pad
-  pad = 0 if pad is None else pad  # masked out either way
+  pad = pad_id(model)
   buckets = tuple(text.buckets) or data.bucket_lengths(text.max_length)
   shared = dict(max_length=text.max_length, buckets=buckets, pad_id=pad)
   return Pipeline(
