@@ -84,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Method: which params train.
   c.peft = ml_collections.ConfigDict()
   # full | linear_probe | bitfit | partial | lora | dora | ia3 | adapter | prompt_tuning |
-  # prefix_tuning.
+  # prefix_tuning | lp_ft.
   c.peft.method = 'full'
   # partial: freeze the first N of the model's `blocks` (README).
   c.peft.num_frozen_blocks = 0
@@ -143,6 +143,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.peft.prefix_tuning.init = 'vocab'
   # 0: train the prefixes directly; > 0: through an MLP of this width (HF prefix_projection).
   c.peft.prefix_tuning.projection_size = 0
+  # lp_ft (Kumar et al. 2022): the head alone trains for probe_steps, then everything `body` trains.
+  c.peft.lp_ft = ml_collections.ConfigDict()
+  # Steps of the linear probe; the body's learning rate warms up after them.
+  c.peft.lp_ft.probe_steps = 100
+  # The method of the fine-tuning phase: full, partial, bitfit, lora, ...
+  c.peft.lp_ft.body = 'full'
   # The rate of the params a method adds (LoRA, adapters, IA3, prompts, prefixes); None:
   # head_learning_rate, else learning_rate.
   c.peft.learning_rate = config_dict.placeholder(float)

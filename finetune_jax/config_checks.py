@@ -51,6 +51,9 @@ def validate(config, num_devices: int) -> None:
   if config.get('precision', 'float32') not in precision.PRECISIONS:
     problems.append(f'precision={config.precision!r} is unknown (one of '
                     f'{", ".join(precision.PRECISIONS)})')
+  if config.peft.method == 'lp_ft' and config.peft.lp_ft.probe_steps >= config.total_steps:
+    problems.append(f'peft.lp_ft.probe_steps={config.peft.lp_ft.probe_steps} leaves no step of '
+                    f'fine-tuning in total_steps={config.total_steps}; make it smaller')
   if config.get('keep_best') and not config.get('validation_examples'):
     problems.append('keep_best selects on validation metrics, but validation_examples=0 holds '
                     'none out (--config.validation_examples=0.1, for example)')

@@ -11,9 +11,10 @@ import optax
 from finetune_jax.peft import paths
 
 
-def schedule(config, peak: float) -> optax.Schedule:
-  """Linear warmup to `peak`, then cosine or linear decay to zero."""
-  decay_steps = max(config.total_steps - config.warmup_steps, 1)
+def schedule(config, peak: float, hold: int = 0) -> optax.Schedule:
+  """Linear warmup to `peak`, then cosine or linear decay to zero by total_steps; with
+  `hold`, all of it after `hold` steps at 0 (the body during lp_ft's probe)."""
+  decay_steps = max(config.total_steps - hold - config.warmup_steps, 1)
   if config.schedule == 'cosine':
     decay = optax.cosine_decay_schedule(peak, decay_steps)
   elif config.schedule == 'linear':
@@ -24,7 +25,10 @@ def schedule(config, peak: float) -> optax.Schedule:
     raise ValueError(f'Unknown schedule {config.schedule!r}; use cosine, '
                      'linear or constant.')
   warmup = optax.linear_schedule(0.0, peak, max(config.warmup_steps, 1))
-  return optax.join_schedules([warmup, decay], [config.warmup_steps])
+  warm_then_decay = optax.join_schedules([warmup, decay], [config.warmup_steps])
+  if not hold:
+    return warm_then_decay
+  return optax.join_schedules([optax.constant_schedule(0.0), warm_then_decay], [hold])
 
 
 # Matrices that weight decay acts on: Dense/Conv kernels and LoRA factors.
@@ -62,24 +66,25 @@ def group_labels(trainable, head: str, added=frozenset()):
   return paths.unflatten(labels)
 
 
-def make_optimizer(config, trainable, head: str,
-                   added=frozenset()) -> optax.GradientTransformation:
+def make_optimizer(config, trainable, head: str, added=frozenset(),
+                   probe_steps: int = 0) -> optax.GradientTransformation:
   """AdamW or SGD over `trainable`: the head at `head_learning_rate`, the
   params a PEFT method added (paths `added`) at `peft.learning_rate`.
 
   Added params start from scratch like the head, so by default they share
   its rate. Their group exists only when they do, so the optimizer state of
   the methods that add nothing keeps its structure (checkpoints resume).
+  With `probe_steps` (lp_ft), all but the head hold at rate 0 for that many steps.
   """
   head_lr = config.head_learning_rate or config.learning_rate
   groups = {
-      'body': _base_optimizer(config, schedule(config, config.learning_rate)),
+      'body': _base_optimizer(config, schedule(config, config.learning_rate, probe_steps)),
       'head': _base_optimizer(config, schedule(config, head_lr)),
   }
   added = frozenset(added) & paths.flatten(trainable).keys()
   if added:
     added_lr = config.peft.get('learning_rate') or head_lr
-    groups['added'] = _base_optimizer(config, schedule(config, added_lr))
+    groups['added'] = _base_optimizer(config, schedule(config, added_lr, probe_steps))
   # identity() when off keeps the state's structure, so a checkpoint resumes
   # whether or not clipping was changed in between.
   clip = (optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm

@@ -32,22 +32,30 @@ def _forward(module, inputs, compute_dtype):
   return forward
 
 
-def make_train_step(module, inputs, task, tx, axis_name, compute_dtype=jnp.float32):
+def make_train_step(module, inputs, task, tx, axis_name, compute_dtype=jnp.float32,
+                    only=None):
+  """`only` (a set of trainable paths): differentiate those alone, the rest of the
+  trainable tree held fixed with zero gradients (lp_ft's probe: the head)."""
   forward = _forward(module, inputs, compute_dtype)
 
   def train_step(state, frozen, batch):
-    TRACES['train_step'] += 1
+    TRACES['train_step' if only is None else 'probe_step'] += 1
     rng = jax.random.fold_in(state['rng'], state['step'])
     if axis_name:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    differentiated, held = state['trainable'], {}
+    if only is not None:
+      differentiated, held = paths.split(state['trainable'], only)
 
-    def loss_fn(trainable):
-      outputs = forward(paths.join(trainable, frozen), batch, train=True,
+    def loss_fn(differentiated):
+      outputs = forward(paths.join(differentiated, paths.join(held, frozen)), batch, train=True,
                         rngs={'dropout': rng})
       return task.loss_and_metrics(outputs, batch)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state['trainable'])
+    (_, metrics), grads = grad_fn(differentiated)
+    if only is not None:  # the held params' rate is 0 in this phase: zeros change nothing
+      grads = paths.join(grads, jax.tree.map(jnp.zeros_like, held))
     if axis_name:
       grads = jax.lax.pmean(grads, axis_name)
       metrics = jax.lax.psum(metrics, axis_name)

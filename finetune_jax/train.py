@@ -164,7 +164,7 @@ def initial_state(config, model, adapted):
   """
   trainable, frozen = paths.split(adapted.params, adapted.trainable)
   tx = optim.make_optimizer(config, trainable, model.head,
-                            peft.base.added_paths(model, adapted))
+                            peft.base.added_paths(model, adapted), adapted.method.probe_steps)
   state = {'step': np.int32(0), 'rng': jax.random.PRNGKey(config.seed),
            'trainable': trainable, 'opt_state': tx.init(trainable)}
   return state, frozen, tx
@@ -218,6 +218,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                config.precision)
   train_step = strategy.compile_train(
       steps.make_train_step(module, pipeline.inputs, task, tx, axis, dtype))
+  probe_steps = adapted.method.probe_steps
+  if probe_steps:  # lp_ft: the head alone first; no gradient for the rest
+    head = {p for p in paths.flatten(state['trainable']) if p.startswith(model.head + '/')}
+    probe_step = strategy.compile_train(
+        steps.make_train_step(module, pipeline.inputs, task, tx, axis, dtype, only=head))
+    logging.info('lp_ft: steps 1-%d train the head alone, then %s trains.', probe_steps,
+                 config.peft.lp_ft.body)
   eval_step = strategy.compile_eval(
       steps.make_eval_step(module, pipeline.inputs, task, axis, dtype))
   host_frozen = frozen
@@ -248,7 +255,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   pending, eval_metrics = [], {}
   timer = _StepTimer()
   for step in range(start_step + 1, config.total_steps + 1):
-    state, metrics = train_step(state, frozen, strategy.shard(next(batches)))
+    step_fn = probe_step if step <= probe_steps else train_step
+    state, metrics = step_fn(state, frozen, strategy.shard(next(batches)))
     if step == start_step + 1:  # The first step compiles: time the rest.
       timer.start(state)
     pending.append(metrics)

@@ -432,7 +432,7 @@ def test_peft_made_ia3_adapter_imports(zoo, tmp_path, family, unit_q):
 class _ScaledCheckpointer:
   """A step-1 checkpoint: the params the run starts from, times 1.1."""
 
-  def __init__(self, *args):
+  def __init__(self, *args, **kwargs):
     pass
 
   def latest_step(self):

@@ -89,7 +89,8 @@ def test_pair(zoo, arch, method, tmp_path):
     assert e.value.option == 'peft.method'
     return
   adapted = peft.adapt(model, _config(method))
-  assert adapted.method is chosen
+  # lp_ft hands the adaptation to its body method (full), which answers for it.
+  assert adapted.method is chosen or adapted.method.body is method_lib.get('full')
 
   # One train step: only trainable params move, and only they have optimizer state.
   batch, task, inputs = _batch_and_task(model)

@@ -9,6 +9,7 @@ from finetune_jax.peft import adapter  # noqa: F401  (each import registers its 
 from finetune_jax.peft import freezing  # noqa: F401
 from finetune_jax.peft import ia3  # noqa: F401
 from finetune_jax.peft import lora  # noqa: F401
+from finetune_jax.peft import lp_ft  # noqa: F401
 from finetune_jax.peft import method
 from finetune_jax.peft import prefix_tuning  # noqa: F401
 from finetune_jax.peft import prompt_tuning  # noqa: F401
@@ -21,4 +22,5 @@ def adapt(model, cfg) -> Adapted:
   adapted = chosen.adapt(model, cfg)
   if not adapted.trainable:
     raise ValueError(f'peft.method={cfg.method!r} leaves no parameter to train.')
-  return dataclasses.replace(adapted, method=chosen)
+  # A method may hand the adaptation to another (lp_ft's body), which then answers for it.
+  return dataclasses.replace(adapted, method=adapted.method or chosen)

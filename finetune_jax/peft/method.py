@@ -10,6 +10,7 @@ sampling, hf_format) ask the method and never test which one it is:
   merged(adapted, params)     plain model params with what it learned folded in
   to_peft / from_peft         its Hugging Face PEFT tensors and config, both ways
   reserved_positions(adapted) positions of the context it takes before the input
+  probe_steps                 steps at the start in which only the new head trains
   saved_options(adapted)      options an adapter file must agree on to load
 """
 from finetune_jax.peft import base
@@ -24,6 +25,7 @@ class Method:
   section: str | None = None  # its config section under `peft`; None: it has none
   peft_types: tuple = ()  # HF PEFT `peft_type` values it writes (the first) and reads
   mergeable: bool = False  # `merged` gives the plain model's params
+  probe_steps: int = 0  # steps at the start in which only the head trains (lp_ft)
 
   @property
   def fields(self) -> tuple:
