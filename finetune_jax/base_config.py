@@ -32,6 +32,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Held out of train and evaluated beside eval_split as val_*, for choosing settings: a count, or
   # a fraction below 1; 0: none. Picked by the seed, stratified by class where there are classes.
   c.validation_examples = 0.0
+  # More eval sets, each (name, dataset, split), evaluated at every eval and reported as
+  # <name>_<metric>: e.g. (('rotate', 'fashion_mnist_shifted', 'rotate'),), or for a causal LM
+  # (('austen', 'austen', 'test'),).
+  c.extra_evals = ()
+  # Classifiers: at the end, compare the head's input (the pooled features) of the starting and
+  # the final model on the first N eval examples; results.json's feature_drift has their linear
+  # CKA and mean cosine similarity. 0: skip.
+  c.feature_drift_examples = 0
   # Train on a subset of what train keeps after validation (data-efficiency studies): a count, or a
   # fraction below 1; 0: all. Picked as validation is.
   c.train_examples = 0.0

@@ -26,6 +26,7 @@ boundary exists, computing a random bottom in inference mode (logged). The
 log says what was decided and why.
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -302,8 +303,9 @@ def _transforms(config, splits) -> dict:
   from finetune_jax import pipelines  # pylint: disable=g-import-not-at-top
   if pipelines.needs_host_transform(splits['train'], config):
     train, eval_ = pipelines.make_image_transforms(config)
-    return {'train': train, 'eval': eval_, 'val': eval_}
-  return {'train': None, 'eval': None, 'val': None}
+  else:
+    train = eval_ = None
+  return {role: train if role == 'train' else eval_ for role in splits}
 
 
 def build(plan_: Plan, decision: Decision, config, adapted, splits, pipeline, dtype):
@@ -350,4 +352,7 @@ def build(plan_: Plan, decision: Decision, config, adapted, splits, pipeline, dt
       eval=lambda: data.eval_batches(eval_split, batch_size=config.eval_batch_size),
       inputs=inputs, describe=f'cached features at the input of {block}',
       validation=(lambda: data.eval_batches(val_split, batch_size=config.eval_batch_size))
-      if val_split else None)
+      if val_split else None,
+      extra={role.split(':', 1)[1]: functools.partial(
+          data.eval_batches, as_split(role), batch_size=config.eval_batch_size)
+             for role in splits if role.startswith('extra:')})

@@ -25,6 +25,8 @@ class Pipeline:
   describe: str = ''
   # One pass over the validation examples held out of train, where there are any.
   validation: Callable[[], Iterator[dict]] | None = None
+  # config.extra_evals: {name: one pass over that split}.
+  extra: dict = dataclasses.field(default_factory=dict)
 
 
 def open_dataset(config) -> dict:
@@ -33,6 +35,15 @@ def open_dataset(config) -> dict:
                            on_bad_image=config.folder_on_bad_image)
   splits = {'train': load(config.dataset, 'train'),
             'eval': load(config.dataset, config.eval_split)}
+  for name, dataset, split in extra_evals(config):  # checked now, before any model loads
+    extra = load(dataset, split)
+    if config.task in ('image_classification', 'text_classification') and (
+        extra.num_classes != config.num_classes):
+      raise ValueError(f'extra_evals {name!r}: {dataset}[{split}] has {extra.num_classes} '
+                       f'classes, the run {config.num_classes}; evaluate on a dataset with '
+                       'the same labels.')
+    if config.task == 'image_classification':
+      splits[f'extra:{name}'] = extra
   if config.task == 'image_classification':  # text splits are carved once tokenized
     splits.update(carve(config, splits['train']))
   classes = splits['train'].num_classes
@@ -43,6 +54,23 @@ def open_dataset(config) -> dict:
     raise ValueError(f'num_classes={config.num_classes} but dataset {config.dataset!r} '
                      f'has {classes} classes; set --config.num_classes.')
   return splits
+
+
+def extra_evals(config) -> list[tuple[str, str, str]]:
+  """config.extra_evals as (name, dataset, split) triples, checked."""
+  out = []
+  for item in config.get('extra_evals', ()):
+    if len(item) != 3 or not all(isinstance(x, str) and x for x in item):
+      raise ValueError(f'extra_evals item {item!r}: give (name, dataset, split), e.g. '
+                       "('rotate', 'fashion_mnist_shifted', 'rotate').")
+    if item[0] in ('train', 'eval', 'val') or not item[0].isidentifier():
+      raise ValueError(f'extra_evals name {item[0]!r}: use an identifier other than train, '
+                       'eval and val (it prefixes the metrics).')
+    out.append(tuple(item))
+  names = [n for n, _, _ in out]
+  if len(set(names)) < len(names):
+    raise ValueError(f'extra_evals names {names} repeat; give each eval its own name.')
+  return out
 
 
 def carve(config, train) -> dict:
@@ -111,7 +139,10 @@ def _images(config, splits, model) -> Pipeline:
                                      transform=eval_transform),
       inputs=lambda batch: (preprocess(batch['image']),),
       validation=(lambda: data.eval_batches(splits['val'], batch_size=config.eval_batch_size,
-                                            transform=eval_transform)) if 'val' in splits else None)
+                                            transform=eval_transform)) if 'val' in splits else None,
+      extra={role.split(':', 1)[1]: functools.partial(
+          data.eval_batches, split, batch_size=config.eval_batch_size, transform=eval_transform)
+             for role, split in splits.items() if role.startswith('extra:')})
 
 
 # -------------------------------------------------------------------- text
@@ -150,6 +181,7 @@ def _text(config, model, reserved_positions: int) -> Pipeline:
   train_split, eval_split = load(config.dataset, 'train'), load(config.dataset, config.eval_split)
   carved = carve(config, train_split)
   train_split, val_split = carved['train'], carved.get('val')
+  extra_splits = {name: load(dataset, split) for name, dataset, split in extra_evals(config)}
   inputs = lambda batch: (batch['input_ids'], batch['attention_mask'])
   if config.task == 'causal_lm':
     # Packing cuts the token stream into rows of max_length: a long document
@@ -169,7 +201,10 @@ def _text(config, model, reserved_positions: int) -> Pipeline:
             eval_split, batch_size=config.eval_batch_size, **shared),
         inputs=inputs, describe=f'packed rows of {text.max_length} tokens',
         validation=(lambda: data.packed_lm_eval_batches(
-            val_split, batch_size=config.eval_batch_size, **shared)) if val_split else None)
+            val_split, batch_size=config.eval_batch_size, **shared)) if val_split else None,
+        extra={name: functools.partial(data.packed_lm_eval_batches, split,
+                                       batch_size=config.eval_batch_size, **shared)
+               for name, split in extra_splits.items()})
   for name, split in (('train', train_split), (config.eval_split, eval_split)):
     truncated = data.check_lengths(split, text.max_length, text.truncate,
                                    what=f'{config.dataset}[{name}]')
@@ -188,4 +223,8 @@ def _text(config, model, reserved_positions: int) -> Pipeline:
       inputs=inputs, describe=f'padded to buckets {list(buckets)}',
       validation=(lambda: data.text_eval_batches(val_split, batch_size=config.eval_batch_size,
                                                  sort_by_length=True, **shared))
-      if val_split else None)
+      if val_split else None,
+      extra={name: functools.partial(data.text_eval_batches, split,
+                                     batch_size=config.eval_batch_size, sort_by_length=True,
+                                     **shared)
+             for name, split in extra_splits.items()})

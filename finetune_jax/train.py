@@ -18,6 +18,7 @@ import tqdm
 
 from finetune_jax import checkpoint
 from finetune_jax import config_checks
+from finetune_jax import drift as feature_drift
 from finetune_jax import feature_cache
 from finetune_jax import models
 from finetune_jax import optim
@@ -96,8 +97,10 @@ MAX_IN_FLIGHT = 8
 
 
 def evaluate(eval_step, state, frozen, pipeline, task, strategy) -> dict:
-  """The eval split's metrics (eval_*), and the validation split's (val_*) where held out."""
-  passes = {'val_': pipeline.validation, 'eval_': pipeline.eval}
+  """The eval split's metrics (eval_*), the validation split's (val_*) where held out, and
+  each extra eval's (<name>_*)."""
+  passes = {'val_': pipeline.validation, 'eval_': pipeline.eval,
+            **{f'{name}_': batches for name, batches in pipeline.extra.items()}}
   metrics = {}
   for prefix, batches in passes.items():
     if batches is None:
@@ -209,7 +212,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                100 * report['trainable_params'] / report['total_params'],
                report['optimizer_state_bytes'])
 
-  module = adapted.module
+  module, raw_pipeline = adapted.module, pipeline
   if cache_plan:
     module, pipeline = feature_cache.build(cache_plan, cache, config, adapted, splits,
                                            pipeline, dtype)
@@ -287,10 +290,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     best = {'step': step, **(workdir_lib.read_event(workdir, step, 'eval') or {})}
   writer.close()
 
+  drift = None
+  if config.feature_drift_examples and config.task in tasks.CLASSIFICATION and model.head:
+    final_params = paths.join(strategy.unreplicate(state)['trainable'], host_frozen)
+    drift = feature_drift.feature_drift(
+        adapted.module, model.head, adapted.params, final_params, raw_pipeline.eval,
+        raw_pipeline.inputs, config.feature_drift_examples, dtype)
+    logging.info('Feature drift on %d eval examples: CKA %.4f, cosine %.4f.',
+                 drift['examples'], drift['cka'], drift['cosine'])
+
   initial = workdir_lib.read_event(workdir, 0, 'eval')
   results = {'final': eval_metrics, 'steps': config.total_steps,
              **({'initial': initial} if initial else {}),
              **({'best': best} if best else {}),
+             **({'feature_drift': drift} if drift else {}),
              'method': config.peft.method,
              'trainable_percent': 100 * report['trainable_params'] / report['total_params'],
              'train_examples_per_sec': examples_per_sec,

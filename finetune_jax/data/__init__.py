@@ -29,6 +29,7 @@ from finetune_jax.data import builders
 from finetune_jax.data import folder
 from finetune_jax.data.austen import Austen
 from finetune_jax.data.fashion_mnist import FashionMnistOffline
+from finetune_jax.data.fashion_mnist_shifted import FashionMnistShifted
 from finetune_jax.data.fortunes import Fortunes
 from finetune_jax.data.fortunes import FortunesPoems
 from finetune_jax.data.image_ops import make_image_transform
@@ -56,13 +57,14 @@ __all__ = ['DATASETS', 'Split', 'Subset', 'carve', 'load_split', 'train_batches'
 
 # Builder name (the directory TFDS writes in the data dir) -> class.
 OFFLINE_BUILDERS: dict[str, type[builders.OfflineBuilder]] = {
-    cls.name: cls for cls in (FashionMnistOffline, Mnist5k, Fortunes,
+    cls.name: cls for cls in (FashionMnistOffline, FashionMnistShifted, Mnist5k, Fortunes,
                               FortunesPoems, Austen)
 }
 # Public name -> builder name. `fashion_mnist_offline` keeps clear of TFDS's
 # own `fashion_mnist` (a different builder: PNG images, downloads).
 DATASETS: dict[str, str] = {
     'fashion_mnist': FashionMnistOffline.name,
+    'fashion_mnist_shifted': FashionMnistShifted.name,
     'mnist5k': Mnist5k.name,
     'fortunes': Fortunes.name,
     'fortunes_poems': FortunesPoems.name,
