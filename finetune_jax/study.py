@@ -134,7 +134,7 @@ def run_name(overrides: dict) -> str:
     return 'run'
   parts = []
   for key, value in overrides.items():
-    text = re.sub(r'[^A-Za-z0-9.+-]+', '-', flag_value(value)).strip('-') or 'empty'
+    text = re.sub(r'[^A-Za-z0-9._+-]+', '-', flag_value(value)).strip('-') or 'empty'
     parts.append(f'{key}={text}')
   return ','.join(parts)
 

@@ -161,7 +161,6 @@ def test_sweep_runs_resumes_skips_and_reports_a_failed_run(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_through_a_local_ray_cluster(tmp_path):
-  pytest.importorskip('ray', reason='Ray is the optional extra finetune_jax[ray]')
   workdir = tmp_path / 'runs'
   proc = sweep_cli(workdir, '--executor=ray', '--workers=2', '--sweep=peft.method=bitfit,linear_probe')
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
