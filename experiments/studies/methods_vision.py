@@ -1,0 +1,25 @@
+r"""Study: every method that applies to a CNN, on the vision default, with its cost.
+
+full, partial (the default), bitfit, linear_probe, lora, dora and lp_ft on EfficientNet-Lite0
+/ Fashion-MNIST: accuracy against trainable params (the report's cost_quality.png), optimizer
+state, step time and peak memory; 3 seeds, 700 steps, 5000 images for validation. (IA3,
+adapters, prompt and prefix tuning need attention layers.)
+
+  python -m finetune_jax.sweep --config experiments/studies/methods_vision.py \
+      --workdir runs/methods_vision --seeds 3
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _vision import vision_config  # noqa: E402
+
+
+def get_config(arg=None):
+  return vision_config(arg)
+
+
+def get_sweep(arg=None):
+  del arg
+  return [{'peft.method': m} for m in
+          ('full', 'partial', 'bitfit', 'linear_probe', 'lora', 'dora', 'lp_ft')]
