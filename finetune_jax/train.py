@@ -81,11 +81,16 @@ class _StepTimer:
     return examples / (time.perf_counter() - self._start - self._paused)
 
 
-def _host_sum(device_metrics: list, strategy) -> dict:
-  """Sums per-step metric dicts that still live on device (one sync)."""
+def _host_sum(device_metrics: list, strategy, per_device: bool = False) -> dict:
+  """Sums per-step metric dicts that still live on device (one sync).
+
+  Under pmap each leaf has a device axis: the train step's sums are already
+  reduced over it (every device holds the total), the eval step's are not
+  (`per_device`: each holds its own, added up here).
+  """
   total = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *device_metrics))
   if isinstance(strategy, parallel.Pmap):
-    total = jax.tree.map(lambda x: x[0], total)
+    total = jax.tree.map(lambda x: x.sum(0) if per_device else x[0], total)
   return total
 
 
@@ -110,7 +115,7 @@ def evaluate(eval_step, state, frozen, pipeline, task, strategy) -> dict:
       sums.append(eval_step(state['trainable'], frozen, strategy.shard(batch)))
       if len(sums) % MAX_IN_FLIGHT == 0:
         jax.block_until_ready(sums[-1])
-    metrics.update(task.finalize(_host_sum(sums, strategy), prefix=prefix))
+    metrics.update(task.finalize(_host_sum(sums, strategy, per_device=True), prefix=prefix))
   return metrics
 
 

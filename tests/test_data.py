@@ -238,7 +238,7 @@ def test_unknown_name_error_lists_what_exists(tiny_data_dir):
                    'make install'):
     assert expected in message
   # The prepared datasets found in the data dir are listed too.
-  assert 'Prepared in' in message and 'fashion_mnist_offline, fortunes' in (
+  assert 'Prepared in' in message and 'fashion_mnist_offline, fashion_mnist_shifted, fortunes' in (
       message)
 
 

@@ -76,19 +76,26 @@ def test_images_get_the_datasets_class_names_with_probabilities(image_run, image
   assert plain.stdout.strip().startswith(f'{images / "b.jpg"}: ')
 
 
-@pytest.mark.parametrize('make_args,message', [
-    (lambda run_dir, imgs: [f'--workdir={run_dir}', imgs / 'notes.txt'],
-     'notes.txt: not a readable image'),
-    (lambda run_dir, imgs: [f'--workdir={run_dir}', 'a sentence, not a file'],
+@pytest.mark.parametrize('make_inputs,message', [
+    (lambda imgs: [str(imgs / 'notes.txt')], 'notes.txt: not a readable image'),
+    (lambda imgs: ['a sentence, not a file'],
      'no such image file or folder. This run is an image classifier'),
-    (lambda run_dir, imgs: [f'--workdir={imgs}', imgs / 'a.png'], 'holds no config.json'),
-    (lambda run_dir, imgs: [f'--workdir={run_dir}'], 'Give one or more inputs'),
+    (lambda imgs: [], 'Give one or more inputs'),
 ])
-def test_bad_input_is_one_line_naming_it(image_run, images, make_args, message):
-  proc = run(*make_args(image_run, images))
-  assert proc.returncode == 2
-  assert message in proc.stderr.strip().splitlines()[-1]
-  assert 'Traceback' not in proc.stderr
+def test_bad_input_is_named_before_the_model_loads(image_run, images, make_inputs, message,
+                                                   monkeypatch):
+  monkeypatch.setattr(predict, 'restore', lambda *a: pytest.fail('the model was loaded'))
+  with pytest.raises(ValueError, match=message):
+    predict.predict(str(image_run), make_inputs(images))
+
+
+def test_the_cli_prints_a_bad_input_as_one_line(image_run, images):
+  for args, message in (([f'--workdir={image_run}', images / 'notes.txt'], 'not a readable image'),
+                        ([f'--workdir={images}', images / 'a.png'], 'holds no config.json')):
+    proc = run(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert 'Traceback' not in proc.stderr
 
 
 def test_a_run_without_a_finished_checkpoint_is_refused(tmp_path, image_run, images):
