@@ -15,27 +15,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
 import default  # noqa: E402  (configs/default.py)
 import gpt2_lyrics  # noqa: E402
 import minilm_fortunes  # noqa: E402
+from configured import smoke_config  # noqa: E402  (tests/configured.py)
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
-
-
-def configured(module, **overrides):
-  config = module.get_config('smoke')
-  config.unlock()
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  config.lock()
-  return config
 
 
 @pytest.fixture(scope='module')
 def image_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('image_run')
-  config = configured(default, pretrained='efficientnet-lite-tiny', dataset='mnist5k',
+  config = smoke_config(default, pretrained='efficientnet-lite-tiny', dataset='mnist5k',
                       image_size=32, **{'peft.num_frozen_blocks': 2, 'validation_examples': 0.1,
                                         'keep_best': True})
   train.train_and_evaluate(config, str(workdir))
@@ -108,7 +96,7 @@ def test_a_run_without_a_finished_checkpoint_is_refused(tmp_path, image_run, ima
 
 
 def test_texts_from_arguments_and_files(tmp_path):
-  config = configured(minilm_fortunes, pretrained='bert-tiny', batch_size=16,
+  config = smoke_config(minilm_fortunes, pretrained='bert-tiny', batch_size=16,
                       **{'text.max_length': 64})
   train.train_and_evaluate(config, str(tmp_path / 'run'))
   lines = tmp_path / 'texts.txt'
@@ -122,7 +110,7 @@ def test_texts_from_arguments_and_files(tmp_path):
 
 
 def test_prompts_get_continuations(tmp_path):
-  config = configured(gpt2_lyrics, pretrained='gpt2-tiny', batch_size=8, eval_batch_size=16,
+  config = smoke_config(gpt2_lyrics, pretrained='gpt2-tiny', batch_size=8, eval_batch_size=16,
                       **{'text.max_length': 64, 'generation.max_new_tokens': 8})
   train.train_and_evaluate(config, str(tmp_path))
   out = predict.predict(str(tmp_path), ['Hello', 'The sea'],

@@ -11,19 +11,7 @@ from finetune_jax import train
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
 import gpt2_lyrics  # noqa: E402  (configs/gpt2_lyrics.py)
 import minilm_fortunes  # noqa: E402
-
-
-def text_config(module, **overrides):
-  config = module.get_config('smoke')
-  config.unlock()
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  config.lock()
-  return config
+from configured import smoke_config  # noqa: E402  (tests/configured.py)
 
 
 def events(workdir, name='metrics.jsonl'):
@@ -32,7 +20,7 @@ def events(workdir, name='metrics.jsonl'):
 
 
 def test_text_classification_reports_macro_f1_and_compiles_per_bucket(tmp_path):
-  config = text_config(minilm_fortunes, pretrained='bert-tiny', batch_size=16,
+  config = smoke_config(minilm_fortunes, pretrained='bert-tiny', batch_size=16,
                        eval_batch_size=256, **{'text.max_length': 64})
   steps.TRACES.clear()
   results = train.train_and_evaluate(config, str(tmp_path))
@@ -46,7 +34,7 @@ def test_text_classification_reports_macro_f1_and_compiles_per_bucket(tmp_path):
 
 
 def test_causal_lm_logs_initial_perplexity_and_samples(tmp_path):
-  config = text_config(gpt2_lyrics, pretrained='gpt2-tiny', batch_size=8,
+  config = smoke_config(gpt2_lyrics, pretrained='gpt2-tiny', batch_size=8,
                        eval_batch_size=16, **{'text.max_length': 64,
                                               'generation.max_new_tokens': 8})
   steps.TRACES.clear()
@@ -80,5 +68,5 @@ def test_causal_lm_logs_initial_perplexity_and_samples(tmp_path):
 ])
 def test_bad_text_input_fails_before_writing(tmp_path, module, overrides, message):
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(text_config(module, **overrides), str(tmp_path))
+    train.train_and_evaluate(smoke_config(module, **overrides), str(tmp_path))
   assert not os.path.exists(tmp_path / 'config.json')
