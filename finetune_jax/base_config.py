@@ -243,7 +243,7 @@ def finish(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.Conf
       c.log_every = 2
     elif '=' in item:
       name, value = item.split('=', 1)
-      _set(c, field_path(c, name.strip()), _literal(value.strip()))
+      set_field(c, field_path(c, name.strip()), literal(value.strip()))
     else:
       raise errors.ConfigError(
           'arg', f'Unknown config argument {item!r}; use smoke or FIELD=VALUE items, '
@@ -297,14 +297,16 @@ def _leaf_paths(c, prefix: str = '') -> list[str]:
   return out
 
 
-def _literal(text: str):
+def literal(text: str):
+  """A Python literal's value (4, 0.1, ('q', 'v'), None), else the text itself."""
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
     return text
 
 
-def _set(c, path: str, value) -> None:
+def set_field(c, path: str, value) -> None:
+  """Sets the field at dotted `path`; a value of the wrong type is a ConfigError."""
   *parents, leaf = path.split('.')
   for part in parents:
     c = c[part]

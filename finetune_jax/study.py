@@ -65,10 +65,10 @@ def parse_value(config, path: str, text: str):
   elif field_type is bool and text.lower() in ('true', 'false'):
     value = text.lower() == 'true'
   else:
-    value = base_config._literal(text)  # pylint: disable=protected-access
+    value = base_config.literal(text)
   probe = copy.deepcopy(config)
   try:
-    base_config._set(probe, path, value)  # pylint: disable=protected-access
+    base_config.set_field(probe, path, value)
   except errors.ConfigError:
     raise errors.ConfigError(path, f'--sweep {path}: {text!r} is not of the field\'s '
                              f'type, {field_type.__name__}.') from None
@@ -115,7 +115,7 @@ def grid(config, axes: list[tuple[str, list]], study: list[dict], seeds: int | N
   for overrides in points:
     run_config = copy.deepcopy(config)
     for path, value in overrides.items():
-      base_config._set(run_config, path, value)  # pylint: disable=protected-access
+      base_config.set_field(run_config, path, value)
     try:
       config_checks.validate(run_config, num_devices=1)
     except ValueError as e:
