@@ -344,15 +344,13 @@ def build(plan_: Plan, decision: Decision, config, adapted, splits, pipeline, dt
 
   as_split = lambda role: data.Split(cached[role], len(cached[role]),
                                      splits[role].num_classes, splits[role].class_names)
-  train_split, eval_split = as_split('train'), as_split('eval')
-  val_split = as_split('val') if 'val' in cached else None
+  features = {role: as_split(role) for role in cached}
   return FromFeatures(adapted.module, block), pipelines.Pipeline(
       train=lambda start_step: data.train_batches(
-          train_split, batch_size=config.batch_size, seed=config.seed, start_step=start_step),
-      eval=lambda: data.eval_batches(eval_split, batch_size=config.eval_batch_size),
+          features['train'], batch_size=config.batch_size, seed=config.seed,
+          start_step=start_step),
       inputs=inputs, describe=f'cached features at the input of {block}',
-      validation=(lambda: data.eval_batches(val_split, batch_size=config.eval_batch_size))
-      if val_split else None,
-      extra={role.split(':', 1)[1]: functools.partial(
-          data.eval_batches, as_split(role), batch_size=config.eval_batch_size)
-             for role in splits if role.startswith('extra:')})
+      **pipelines.eval_passes(lambda split: functools.partial(
+          data.eval_batches, split, batch_size=config.eval_batch_size),
+                              features['eval'], features.get('val'),
+                              pipelines.extra_splits(features)))

@@ -85,6 +85,20 @@ def carve(config, train) -> dict:
   return {'train': train, **({'val': val} if val is not None else {})}
 
 
+def extra_splits(splits: dict) -> dict:
+  """{name: split} of the `extra:<name>` roles that open_dataset put in `splits`."""
+  return {role.split(':', 1)[1]: split for role, split in splits.items()
+          if role.startswith('extra:')}
+
+
+def eval_passes(one_pass, eval_split, val_split=None, extras=None) -> dict:
+  """A Pipeline's eval, validation and extra fields: `one_pass(split)` for each split there
+  is, where one_pass gives a callable that makes one padded pass over the split."""
+  return {'eval': one_pass(eval_split),
+          'validation': None if val_split is None else one_pass(val_split),
+          'extra': {name: one_pass(split) for name, split in (extras or {}).items()}}
+
+
 def make(config, splits: dict, model, reserved_positions: int = 0) -> Pipeline:
   """reserved_positions: context positions the PEFT method puts before the text
   (prompt and prefix tuning), which the text cannot use."""
@@ -135,14 +149,10 @@ def _images(config, splits, model) -> Pipeline:
           splits['train'], batch_size=config.batch_size, seed=config.seed,
           start_step=start_step, transform=train_transform,
           worker_count=config.worker_count),
-      eval=lambda: data.eval_batches(splits['eval'], batch_size=config.eval_batch_size,
-                                     transform=eval_transform),
       inputs=lambda batch: (preprocess(batch['image']),),
-      validation=(lambda: data.eval_batches(splits['val'], batch_size=config.eval_batch_size,
-                                            transform=eval_transform)) if 'val' in splits else None,
-      extra={role.split(':', 1)[1]: functools.partial(
-          data.eval_batches, split, batch_size=config.eval_batch_size, transform=eval_transform)
-             for role, split in splits.items() if role.startswith('extra:')})
+      **eval_passes(lambda split: functools.partial(
+          data.eval_batches, split, batch_size=config.eval_batch_size, transform=eval_transform),
+                    splits['eval'], splits.get('val'), extra_splits(splits)))
 
 
 # -------------------------------------------------------------------- text
@@ -181,7 +191,7 @@ def _text(config, model, reserved_positions: int) -> Pipeline:
   train_split, eval_split = load(config.dataset, 'train'), load(config.dataset, config.eval_split)
   carved = carve(config, train_split)
   train_split, val_split = carved['train'], carved.get('val')
-  extra_splits = {name: load(dataset, split) for name, dataset, split in extra_evals(config)}
+  extras = {name: load(dataset, split) for name, dataset, split in extra_evals(config)}
   inputs = lambda batch: (batch['input_ids'], batch['attention_mask'])
   if config.task == 'causal_lm':
     # Packing cuts the token stream into rows of max_length: a long document
@@ -197,14 +207,10 @@ def _text(config, model, reserved_positions: int) -> Pipeline:
         train=lambda start_step: data.packed_lm_batches(
             train_split, batch_size=config.batch_size, seed=config.seed,
             start_step=start_step, **shared),
-        eval=lambda: data.packed_lm_eval_batches(
-            eval_split, batch_size=config.eval_batch_size, **shared),
         inputs=inputs, describe=f'packed rows of {text.max_length} tokens',
-        validation=(lambda: data.packed_lm_eval_batches(
-            val_split, batch_size=config.eval_batch_size, **shared)) if val_split else None,
-        extra={name: functools.partial(data.packed_lm_eval_batches, split,
-                                       batch_size=config.eval_batch_size, **shared)
-               for name, split in extra_splits.items()})
+        **eval_passes(lambda split: functools.partial(
+            data.packed_lm_eval_batches, split, batch_size=config.eval_batch_size, **shared),
+                      eval_split, val_split, extras))
   for name, split in (('train', train_split), (config.eval_split, eval_split)):
     truncated = data.check_lengths(split, text.max_length, text.truncate,
                                    what=f'{config.dataset}[{name}]')
@@ -218,13 +224,7 @@ def _text(config, model, reserved_positions: int) -> Pipeline:
       train=lambda start_step: data.text_batches(
           train_split, batch_size=config.batch_size, seed=config.seed,
           start_step=start_step, truncate=text.truncate, **shared),
-      eval=lambda: data.text_eval_batches(eval_split, batch_size=config.eval_batch_size,
-                                          sort_by_length=True, **shared),
       inputs=inputs, describe=f'padded to buckets {list(buckets)}',
-      validation=(lambda: data.text_eval_batches(val_split, batch_size=config.eval_batch_size,
-                                                 sort_by_length=True, **shared))
-      if val_split else None,
-      extra={name: functools.partial(data.text_eval_batches, split,
-                                     batch_size=config.eval_batch_size, sort_by_length=True,
-                                     **shared)
-             for name, split in extra_splits.items()})
+      **eval_passes(lambda split: functools.partial(
+          data.text_eval_batches, split, batch_size=config.eval_batch_size,
+          sort_by_length=True, **shared), eval_split, val_split, extras))
