@@ -54,6 +54,9 @@ def restore(workdir: str, config, step: int | None = None, best: tuple | None = 
   """
   name = checkpoint.BEST_DIR if best else 'checkpoints'
   checkpoints = os.path.join(workdir, name)
+  if best and not os.path.isdir(checkpoints):
+    raise ValueError(f'{workdir} has no {name}/: --best needs a run trained with '
+                     '--config.keep_best=True (and validation_examples).')
   if not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints)):
     raise ValueError(f'{workdir} has no finished checkpoint in {name}/ yet; use a run after its '
                      'first checkpoint (config.checkpoint_every steps).')

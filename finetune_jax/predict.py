@@ -20,7 +20,6 @@ from absl import flags
 import jax
 import numpy as np
 
-from finetune_jax import checkpoint
 from finetune_jax import cli
 from finetune_jax import data
 from finetune_jax import export
@@ -85,12 +84,8 @@ def class_names(config) -> list[str]:
 
 
 def restore(workdir: str, config, best: bool):
-  if not best:
-    return export.restore(workdir, config)
-  if not os.path.isdir(os.path.join(workdir, checkpoint.BEST_DIR)):
-    raise ValueError(f'{workdir} has no {checkpoint.BEST_DIR}/: --best needs a run trained with '
-                     '--config.keep_best=True (and validation_examples).')
-  return export.restore(workdir, config, best=tasks.selection_metric(config.task))
+  """(model, adapted, params, step) of the run's latest checkpoint, or its best one."""
+  return export.restore(workdir, config, best=tasks.selection_metric(config.task) if best else None)
 
 
 def top_k(probabilities: np.ndarray, names: list[str], k: int) -> list[dict]:
