@@ -38,7 +38,7 @@ def measure(name: str, cache_dir: str) -> dict:
   if cache_dir:
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  from finetune_jax import parallel, peft, pipelines, precision, steps, tasks, train  # noqa
+  from finetune_jax import parallel, pipelines, precision, steps, tasks, train
   stage('import')
   config = __import__(name).get_config()
   strategy = parallel.make(config.parallel)
@@ -57,7 +57,7 @@ def measure(name: str, cache_dir: str) -> dict:
   train_step = strategy.compile_train(
       steps.make_train_step(adapted.module, pipeline.inputs, task, tx, strategy.axis_name, dtype))
   eval_step = strategy.compile_eval(
-      steps.make_eval_step(adapted.module, pipeline.inputs, task, strategy.axis_name, dtype))
+      steps.make_eval_step(adapted.module, pipeline.inputs, task, dtype))
   state, frozen = strategy.replicate(state), strategy.replicate(frozen)
   state, _ = jax.block_until_ready(train_step(state, frozen, batch))  # donates the old state
   stage('compile + first train step')

@@ -67,12 +67,11 @@ def make_train_step(module, inputs, task, tx, axis_name, compute_dtype=jnp.float
   return train_step
 
 
-def make_eval_step(module, inputs, task, axis_name, compute_dtype=jnp.float32):
+def make_eval_step(module, inputs, task, compute_dtype=jnp.float32):
   """Metric sums of one batch. Under pmap each device returns its own, and the host adds
   them up: an eval step has no collective, so a queue of them can never leave an
   all-reduce waiting for a device that the CPU client has not scheduled (more devices
   than cores)."""
-  del axis_name  # no reduction across devices here, by design
   forward = _forward(module, inputs, compute_dtype)
 
   def eval_step(trainable, frozen, batch):

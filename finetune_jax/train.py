@@ -234,7 +234,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info('lp_ft: steps 1-%d train the head alone, then %s trains.', probe_steps,
                  config.peft.lp_ft.body)
   eval_step = strategy.compile_eval(
-      steps.make_eval_step(module, pipeline.inputs, task, axis, dtype))
+      steps.make_eval_step(module, pipeline.inputs, task, dtype))
   host_frozen = frozen
   state = strategy.replicate(state)
   frozen = strategy.replicate(frozen)

@@ -35,7 +35,7 @@ def _programs(alias, method, **peft_fields):
              'label': np.array([0, 1, 2, 1], np.int32)}
     inputs, task = lambda b: (b['image'],), tasks.ImageClassification(3)
   train_step = jax.jit(steps.make_train_step(adapted.module, inputs, task, tx, None))
-  eval_step = jax.jit(steps.make_eval_step(adapted.module, inputs, task, None))
+  eval_step = jax.jit(steps.make_eval_step(adapted.module, inputs, task))
   return (train_step.lower(state, frozen, batch),
           eval_step.lower(state['trainable'], frozen, batch).compile())
 

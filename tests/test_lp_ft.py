@@ -65,7 +65,7 @@ def test_the_probe_step_takes_no_gradient_for_the_body():
     step = jax.jit(steps.make_train_step(adapted.module, inputs, task, tx, None, **kwargs))
     return step.lower(state, frozen, batch).compile().cost_analysis()['flops']
 
-  forward = jax.jit(steps.make_eval_step(adapted.module, inputs, task, None)).lower(
+  forward = jax.jit(steps.make_eval_step(adapted.module, inputs, task)).lower(
       state['trainable'], frozen, batch).compile().cost_analysis()['flops']
   # Beyond the forward pass, the probe adds the head's gradient and an optimizer
   # update at rate 0 for the body (elementwise), nothing like a backward pass.

@@ -30,8 +30,7 @@ def train_with(strategy, num_steps=4):
   inputs = lambda b: (model.preprocess(b['image']),)
   step = strategy.compile_train(steps.make_train_step(
       adapted.module, inputs, task, tx, strategy.axis_name))
-  evaluate = strategy.compile_eval(steps.make_eval_step(
-      adapted.module, inputs, task, strategy.axis_name))
+  evaluate = strategy.compile_eval(steps.make_eval_step(adapted.module, inputs, task))
   state, frozen = strategy.replicate(state), strategy.replicate(frozen)
   for i in range(num_steps):
     state, metrics = step(state, frozen, strategy.shard(batch(i, n=16)))
