@@ -165,6 +165,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.total_steps = 1000
   # Global; split over the devices.
   c.batch_size = 64
+  # Split each device's share of the batch into this many micro-batches, run in turn inside the
+  # step with their gradients summed: the same update in less activation memory.
+  c.grad_accum_steps = 1
+  # Recompute activations in the backward pass instead of keeping them: none | block (each
+  # transformer layer or CNN block keeps only its input) | a jax.checkpoint_policies name
+  # (dots_saveable: each block keeps its matmul outputs). README, Memory.
+  c.remat = 'none'
   # Body; about 10x below pre-training for pretrained weights.
   c.learning_rate = 1e-4
   # The new head's own rate. None: learning_rate.

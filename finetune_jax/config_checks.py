@@ -1,6 +1,7 @@
 """Checks on a config that catch a user's mistakes before any expensive work."""
 from finetune_jax import precision
 from finetune_jax import tasks
+from finetune_jax.models import layers
 
 # Every shipped config has these keys (the CLI contract).
 REQUIRED_KEYS = ('seed', 'total_steps', 'batch_size', 'learning_rate',
@@ -44,10 +45,18 @@ def validate(config, num_devices: int) -> None:
     problems.append(f'text.max_length={config.text.max_length} must be > 1')
   if config.learning_rate <= 0:
     problems.append(f'learning_rate={config.learning_rate} must be positive')
-  for key in ('batch_size', 'eval_batch_size'):
-    if key in config and config[key] % num_devices:
-      problems.append(f'{key}={config[key]} must be divisible by the '
-                      f'{num_devices} devices (parallel={config.parallel!r})')
+  accum = config.get('grad_accum_steps', 1)
+  if accum < 1:
+    problems.append(f'grad_accum_steps={accum} must be >= 1')
+  elif config.batch_size % (num_devices * accum):
+    times = f' x grad_accum_steps={accum}' if accum > 1 else ''
+    problems.append(f'batch_size={config.batch_size} must be divisible by the {num_devices} '
+                    f'devices (parallel={config.parallel!r}){times}')
+  if 'eval_batch_size' in config and config.eval_batch_size % num_devices:
+    problems.append(f'eval_batch_size={config.eval_batch_size} must be divisible by the '
+                    f'{num_devices} devices (parallel={config.parallel!r})')
+  if config.get('remat', 'none') not in layers.REMAT_MODES:
+    problems.append(f'remat={config.remat!r} is unknown (one of {", ".join(layers.REMAT_MODES)})')
   if config.get('precision', 'float32') not in precision.PRECISIONS:
     problems.append(f'precision={config.precision!r} is unknown (one of '
                     f'{", ".join(precision.PRECISIONS)})')

@@ -239,6 +239,9 @@ def plan(config, model, adapted, splits, pipeline, dtype) -> tuple[Plan | None, 
     return cannot('cache_frozen_features=off')
   if config.task != 'image_classification':
     return cannot(f'task={config.task} is not cached yet (image classification is)')
+  if config.get('remat', 'none') != 'none':  # the boundary is read inside remat's trace
+    return cannot(f'remat={config.remat} recomputes the blocks, and the cache boundary cannot '
+                  'be read inside them')
   if config.augment.random_resized_crop or config.augment.flip:
     return cannot('the training images are augmented, so the frozen bottom sees new inputs '
                   'every epoch')

@@ -42,10 +42,26 @@ def use_compilation_cache(directory: str) -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+# What remat needs of XLA:CPU (README, Memory): its memory-optimised scheduler, not the default
+# that favours concurrency; and remat's optimisation barriers kept, which XLA:CPU otherwise
+# expands away, after which CSE merges each recomputation back into the forward pass.
+REMAT_XLA_FLAGS = ('--xla_cpu_enable_concurrency_optimized_scheduler=false',
+                   '--xla_disable_hlo_passes=cse_barrier_expander')
+
+
+def xla_flags(config) -> None:
+  """Sets the XLA flags a config needs in $XLA_FLAGS, which JAX reads when it starts."""
+  flags_now = os.environ.get('XLA_FLAGS', '')
+  if config.remat != 'none':
+    missing = [f for f in REMAT_XLA_FLAGS if f.split('=')[0] not in flags_now]
+    os.environ['XLA_FLAGS'] = ' '.join([flags_now, *missing]).strip()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  xla_flags(FLAGS.config)  # before the first use of a device starts JAX's backend
   use_compilation_cache(FLAGS.config.compilation_cache_dir)
   logging.info('JAX devices: %s', jax.local_devices())
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -32,8 +32,18 @@ def _forward(module, inputs, compute_dtype):
   return forward
 
 
+def micro_batches(batch, k: int):
+  """[B, ...] leaves -> [k, B // k, ...]; micro-batch i holds rows i, i + k, i + 2k, ...
+
+  Strided rather than contiguous: a batch sharded over devices in contiguous blocks (jit)
+  then gives every micro-batch an equal share of each device's rows, with no data moved.
+  """
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), batch)
+
+
 def make_train_step(module, inputs, task, tx, axis_name, compute_dtype=jnp.float32,
-                    only=None):
+                    only=None, grad_accum_steps: int = 1):
   """`only` (a set of trainable paths): differentiate those alone, the rest of the
   trainable tree held fixed with zero gradients (lp_ft's probe: the head)."""
   forward = _forward(module, inputs, compute_dtype)
@@ -47,13 +57,15 @@ def make_train_step(module, inputs, task, tx, axis_name, compute_dtype=jnp.float
     if only is not None:
       differentiated, held = paths.split(state['trainable'], only)
 
-    def loss_fn(differentiated):
+    def loss_fn(differentiated, batch, rng):
       outputs = forward(paths.join(differentiated, paths.join(held, frozen)), batch, train=True,
                         rngs={'dropout': rng})
       return task.loss_and_metrics(outputs, batch)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(differentiated)
+    if grad_accum_steps == 1:
+      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(differentiated, batch, rng)
+    else:
+      grads, metrics = _accumulate(loss_fn, differentiated, batch, rng, grad_accum_steps)
     if only is not None:  # the held params' rate is 0 in this phase: zeros change nothing
       grads = paths.join(grads, jax.tree.map(jnp.zeros_like, held))
     if axis_name:
@@ -65,6 +77,25 @@ def make_train_step(module, inputs, task, tx, axis_name, compute_dtype=jnp.float
                  'opt_state': opt_state}
     return new_state, metrics
   return train_step
+
+
+def _accumulate(loss_fn, differentiated, batch, rng, k: int):
+  """(gradient of the mean loss, metric sums) over k micro-batches of `batch`, in a scan."""
+  def loss_sum(differentiated, micro, rng):
+    _, metrics = loss_fn(differentiated, micro, rng)
+    return metrics['loss'], metrics
+
+  def add_micro(grad_sum, xs):
+    micro, i = xs
+    (_, metrics), grads = jax.value_and_grad(loss_sum, has_aux=True)(
+        differentiated, micro, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+  zeros = jax.tree.map(jnp.zeros_like, differentiated)
+  grad_sum, metrics = jax.lax.scan(add_micro, zeros, (micro_batches(batch, k), jnp.arange(k)))
+  metrics = jax.tree.map(lambda m: m.sum(0), metrics)
+  count = jnp.maximum(metrics['count'], 1.0)
+  return jax.tree.map(lambda g: g / count, grad_sum), metrics
 
 
 def make_eval_step(module, inputs, task, compute_dtype=jnp.float32):

@@ -19,6 +19,7 @@ import tqdm
 from finetune_jax import checkpoint
 from finetune_jax import config_checks
 from finetune_jax import drift as feature_drift
+from finetune_jax import errors
 from finetune_jax import feature_cache
 from finetune_jax import models
 from finetune_jax import optim
@@ -157,6 +158,12 @@ def build_model(config, *, missing_adapter_ok: bool = False):
   model = models.load_pretrained(config.pretrained, num_classes=config.num_classes,
                                  dont_load=tuple(config.dont_load), seed=config.seed,
                                  **model_options(config))
+  if config.get('remat', 'none') != 'none':  # before adapt: a method wraps the module
+    if not hasattr(model.module, 'remat'):
+      raise errors.ConfigError('remat', f'remat={config.remat!r}: {type(model.module).__name__} '
+                               'has no remat field; use remat=none, or build its blocks '
+                               'through models.layers.remat as the zoo models do.')
+    model = dataclasses.replace(model, module=model.module.clone(remat=config.remat))
   adapted = peft.adapt(model, config.peft)
   init_from = config.peft.get('init_from')
   if init_from and (os.path.exists(init_from) or not missing_adapter_ok):
@@ -188,6 +195,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   task = tasks.make_task(config)
   splits = pipelines.open_dataset(config)
   model, adapted = build_model(config)
+  if (config.remat != 'none' and jax.default_backend() == 'cpu'
+      and 'cse_barrier_expander' not in os.environ.get('XLA_FLAGS', '')):
+    logging.warning('remat=%s saves little memory on CPU unless JAX starts with the XLA_FLAGS '
+                    'of finetune_jax.main.REMAT_XLA_FLAGS (the CLI sets them).', config.remat)
   pipeline = pipelines.make(config, splits, model,
                             adapted.method.reserved_positions(adapted))
   state, frozen, tx = initial_state(config, model, adapted)
@@ -224,13 +235,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   axis = strategy.axis_name
   logging.info('Computing in %s (precision=%s).', jax.numpy.dtype(dtype).name,
                config.precision)
+  accum = config.grad_accum_steps
   train_step = strategy.compile_train(
-      steps.make_train_step(module, pipeline.inputs, task, tx, axis, dtype))
+      steps.make_train_step(module, pipeline.inputs, task, tx, axis, dtype,
+                            grad_accum_steps=accum))
   probe_steps = adapted.method.probe_steps
   if probe_steps:  # lp_ft: the head alone first; no gradient for the rest
     head = {p for p in paths.flatten(state['trainable']) if p.startswith(model.head + '/')}
     probe_step = strategy.compile_train(
-        steps.make_train_step(module, pipeline.inputs, task, tx, axis, dtype, only=head))
+        steps.make_train_step(module, pipeline.inputs, task, tx, axis, dtype, only=head,
+                              grad_accum_steps=accum))
     logging.info('lp_ft: steps 1-%d train the head alone, then %s trains.', probe_steps,
                  config.peft.lp_ft.body)
   eval_step = strategy.compile_eval(

@@ -152,6 +152,8 @@ def test_incompatible_workdir_is_refused_untouched(tmp_path, override, message):
     ({'peft': {'method': 'partial', 'num_frozen_blocks': 0, 'freeze': ('^stme/',)}},
      r"'\^stme/' matches no parameter.*stem/"),
     ({'batch_size': 12}, r'batch_size=12 must be divisible by the 8 devices'),
+    ({'batch_size': 16, 'grad_accum_steps': 4},
+     r"batch_size=16 must be divisible by the 8 devices \(parallel='pmap'\) x grad_accum_steps=4"),
     ({'num_classes': 7}, r'num_classes=7 but dataset .* has 10 classes'),
     ({'dataset': None}, r'dataset is not set \(--config.dataset=...\)'),
 ])

@@ -1,4 +1,4 @@
-"""Layers shared by the convolutional models: fast depthwise conv, frozen BN."""
+"""Layers shared by the zoo: fast depthwise conv, frozen BN, rematerialised blocks."""
 import functools
 from typing import Sequence
 
@@ -8,6 +8,27 @@ import jax.numpy as jnp
 from jax import lax
 
 DEPTHWISE_IMPLS = ('auto', 'shift', 'lax')
+
+# `remat` modes: none; block (keep each block's input alone, recompute the rest of it in the
+# backward pass); or a jax.checkpoint_policies name, which keeps what that policy saves in
+# each block (dots_saveable: the matmul outputs) and recomputes the rest.
+REMAT_POLICIES = ('dots_saveable', 'dots_with_no_batch_dims_saveable', 'nothing_saveable',
+                  'everything_saveable')
+REMAT_MODES = ('none', 'block', *REMAT_POLICIES)
+
+
+def remat(block: type[nn.Module], mode: str, static_argnums: tuple[int, ...] = ()):
+  """`block` as a model builds it under `mode` (REMAT_MODES): itself, or under nn.remat.
+
+  static_argnums count `self` as 0, as nn.remat's do: the block's Python-valued
+  arguments (`train`), which must not be traced.
+  """
+  if mode == 'none':
+    return block
+  if mode not in REMAT_MODES:
+    raise ValueError(f'remat={mode!r} is not one of {REMAT_MODES}.')
+  policy = None if mode == 'block' else getattr(jax.checkpoint_policies, mode)
+  return nn.remat(block, policy=policy, static_argnums=static_argnums)
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:

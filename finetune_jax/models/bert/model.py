@@ -298,6 +298,7 @@ class BertEncoder(nn.Module):
   pooling: str = 'cls'
   add_pooler: bool = True
   num_classes: int = 0
+  remat: str = 'none'  # layers.REMAT_MODES: recompute each block in the backward pass
 
   @nn.compact
   def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *,
@@ -330,11 +331,11 @@ class BertEncoder(nn.Module):
       mask = attention.combine(mask, (jnp.arange(slots) < index + length)[None, None, None])
     new_layers = []
     for i in range(self.num_layers):
-      x, layer = Layer(self.num_heads, self.intermediate_size, self.layer_norm_eps,
-                       ACTIVATIONS[self.hidden_act], self.hidden_dropout_prob,
-                       self.attention_probs_dropout_prob, name=f'layer_{i}')(
-                           x, mask, train, None if cache is None else cache['layers'][i],
-                           index)
+      x, layer = layers.remat(Layer, self.remat, static_argnums=(3,))(
+          self.num_heads, self.intermediate_size, self.layer_norm_eps,
+          ACTIVATIONS[self.hidden_act], self.hidden_dropout_prob,
+          self.attention_probs_dropout_prob, name=f'layer_{i}')(
+              x, mask, train, None if cache is None else cache['layers'][i], index)
       new_layers.append(layer)
     if cache is not None and attention_mask is not None:
       # Pooling reads the new tokens' own mask entries.

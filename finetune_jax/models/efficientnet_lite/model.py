@@ -244,6 +244,7 @@ class EfficientNetLite(nn.Module):
   drop_connect_rate: float = 0.2
   bn_epsilon: float = 1e-3
   depthwise_impl: str = 'auto'  # 'shift' | 'lax' | 'auto' (shift on CPU)
+  remat: str = 'none'  # layers.REMAT_MODES: recompute each block in the backward pass
 
   @nn.compact
   def __call__(self, images, train: bool = False) -> dict[str, Any]:
@@ -251,9 +252,9 @@ class EfficientNetLite(nn.Module):
     specs = block_specs(self.stages, self.width_coefficient,
                         self.depth_coefficient, self.stem_features)
     for i, spec in enumerate(specs):
-      x = MBConvBlock(spec, self.drop_connect_rate * i / len(specs),
-                      self.bn_epsilon, self.depthwise_impl,
-                      name=f'blocks_{i}')(x, train)
+      x = layers.remat(MBConvBlock, self.remat, static_argnums=(2,))(
+          spec, self.drop_connect_rate * i / len(specs), self.bn_epsilon,
+          self.depthwise_impl, name=f'blocks_{i}')(x, train)
     x = ConvBN(self.top_features, bn_epsilon=self.bn_epsilon, name='top')(x)
     features = jnp.mean(x, axis=(1, 2))
     return layers.classifier_outputs(features, self.num_classes, self.dropout_rate, train)

@@ -28,6 +28,7 @@ import numpy as np
 
 from finetune_jax.models import attention
 from finetune_jax.models import host_init
+from finetune_jax.models import layers
 
 # hidden_size, num_layers, num_heads (and vocab / context) of the released models.
 VARIANTS = {
@@ -235,6 +236,7 @@ class GPT2(nn.Module):
   attn_pdrop: float = 0.0
   resid_pdrop: float = 0.0
   scale_attn_by_inverse_layer_idx: bool = False
+  remat: str = 'none'  # layers.REMAT_MODES: recompute each block in the backward pass
 
   @nn.compact
   def __call__(self, input_ids=None, attention_mask=None, *, positions=None, cache=None,
@@ -267,14 +269,14 @@ class GPT2(nn.Module):
     x = wte(jnp.asarray(input_ids)) if inputs_embeds is None else jnp.asarray(inputs_embeds)
     x = x + wpe(jnp.asarray(positions, jnp.int32))
     x = nn.Dropout(self.embd_pdrop)(x, deterministic=not train)
-    layers = []
+    new_layers = []
     for i in range(self.num_layers):
       scale = 1.0 / (i + 1) if self.scale_attn_by_inverse_layer_idx else 1.0
-      x, layer = Block(self.num_heads, self.intermediate_size, self.activation,
-                       self.layer_norm_eps, self.attn_pdrop, self.resid_pdrop, scale,
-                       name=f'h_{i}')(
-                           x, mask, None if cache is None else cache['layers'][i], index, train)
-      layers.append(layer)
+      x, layer = layers.remat(Block, self.remat, static_argnums=(5,))(
+          self.num_heads, self.intermediate_size, self.activation, self.layer_norm_eps,
+          self.attn_pdrop, self.resid_pdrop, scale, name=f'h_{i}')(
+              x, mask, None if cache is None else cache['layers'][i], index, train)
+      new_layers.append(layer)
     x = nn.LayerNorm(self.layer_norm_eps, use_fast_variance=False, name='ln_f')(x)
     if self.tie_word_embeddings:
       logits = wte.attend(x)
@@ -283,5 +285,5 @@ class GPT2(nn.Module):
                         name='lm_head')(x)
     out = {'logits': logits.astype(jnp.float32), 'last_hidden_state': x}
     if cache is not None:
-      out['cache'] = {'index': cache['index'] + length, 'layers': layers}
+      out['cache'] = {'index': cache['index'] + length, 'layers': new_layers}
     return out

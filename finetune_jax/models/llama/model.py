@@ -40,6 +40,7 @@ import numpy as np
 from finetune_jax.models import architecture
 from finetune_jax.models import attention
 from finetune_jax.models import host_init
+from finetune_jax.models import layers
 
 # Architecture fields: the ones without a default must come from a variant or
 # a checkpoint.
@@ -311,6 +312,7 @@ class LlamaForCausalLM(nn.Module):
   sliding_window: int | None = None
   attention_dropout: float = 0.0
   initializer_range: float = 0.02
+  remat: str = 'none'  # layers.REMAT_MODES: recompute each block in the backward pass
 
   @nn.compact
   def __call__(self, input_ids=None, attention_mask=None, *, positions=None, cache=None,
@@ -349,7 +351,7 @@ class LlamaForCausalLM(nn.Module):
     x = embed(jnp.asarray(input_ids)) if inputs_embeds is None else jnp.asarray(inputs_embeds)
     new_layers = []
     for i in range(self.num_layers):
-      x, layer_cache = LlamaDecoderLayer(
+      x, layer_cache = layers.remat(LlamaDecoderLayer, self.remat, static_argnums=(7,))(
           self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size,
           self.rms_norm_eps, self.qkv_bias, self.o_bias, self.mlp_bias,
           self.attention_dropout, self.initializer_range, name=f'layers_{i}')(

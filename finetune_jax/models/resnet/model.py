@@ -224,6 +224,7 @@ class ResNet(nn.Module):
   conv_bias: bool = False
   bn_epsilon: float = 1e-5
   dropout_rate: float = 0.0
+  remat: str = 'none'  # layers.REMAT_MODES: recompute each block in the backward pass
 
   @nn.compact
   def __call__(self, images, train: bool = False) -> dict[str, Any]:
@@ -232,9 +233,9 @@ class ResNet(nn.Module):
     for s, (n, features) in enumerate(zip(self.stage_sizes, self.stage_features)):
       for b in range(n):
         stride = (self.first_stage_stride if s == 0 else 2) if b == 0 else 1
-        x = ResidualBlock(self.block, features, stride, self.stride_in_1x1,
-                          self.conv_bias, self.bn_epsilon,
-                          name=f'stage{s + 1}_block{b + 1}')(x)
+        x = layers.remat(ResidualBlock, self.remat)(
+            self.block, features, stride, self.stride_in_1x1, self.conv_bias,
+            self.bn_epsilon, name=f'stage{s + 1}_block{b + 1}')(x)
     features = jnp.mean(x, axis=(1, 2))
     return layers.classifier_outputs(features, self.num_classes, self.dropout_rate, train)
 

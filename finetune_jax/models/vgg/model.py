@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finetune_jax.models import host_init
+from finetune_jax.models import layers
 from finetune_jax.models import preprocessing
 
 # Conv widths per block.
@@ -220,6 +221,7 @@ class VGG(nn.Module):
   head_hidden: tuple[int, ...] = ()
   head_dropout: float = 0.5
   conv_impl: str = 'auto'  # 'lax' | 'im2col' | 'auto' (im2col for small maps on CPU)
+  remat: str = 'none'  # layers.REMAT_MODES: recompute each conv in the backward pass
 
   @nn.compact
   def __call__(self, images, train: bool = False) -> dict[str, Any]:
@@ -231,7 +233,8 @@ class VGG(nn.Module):
     x = images
     for b, widths in enumerate(self.stages, 1):
       for c, width in enumerate(widths, 1):
-        x = Conv3x3(width, impl=self.conv_impl, name=f'block{b}_conv{c}')(x)
+        conv = layers.remat(Conv3x3, self.remat)
+        x = conv(width, impl=self.conv_impl, name=f'block{b}_conv{c}')(x)
         x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), (2, 2), padding='VALID')
     if self.include_top:

@@ -302,6 +302,7 @@ class VisionTransformer(nn.Module):
   representation_size: int | None = None
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  remat: str = 'none'  # layers.REMAT_MODES: recompute each block in the backward pass
 
   @nn.compact
   def __call__(self, images, train: bool = False) -> dict[str, Any]:
@@ -323,9 +324,10 @@ class VisionTransformer(nn.Module):
     pos = self.param('pos_embedding', nn.initializers.normal(0.02), (1, x.shape[1], width))
     x = nn.Dropout(self.dropout_rate)(x + pos, deterministic=not train)
     for i in range(self.num_layers):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, self.layer_norm_eps,
-                       self.gelu_approximate, self.qkv_bias, self.dropout_rate,
-                       self.attention_dropout_rate, name=f'encoderblock_{i}')(x, train)
+      x = layers.remat(EncoderBlock, self.remat, static_argnums=(2,))(
+          self.num_heads, self.mlp_dim, self.layer_norm_eps, self.gelu_approximate,
+          self.qkv_bias, self.dropout_rate, self.attention_dropout_rate,
+          name=f'encoderblock_{i}')(x, train)
     x = nn.LayerNorm(self.layer_norm_eps, use_fast_variance=False, name='encoder_norm')(x)
     features = x[:, 0] if self.classifier == 'token' else jnp.mean(x, axis=1)
     if self.representation_size:
