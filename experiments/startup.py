@@ -58,7 +58,7 @@ def measure(name: str, cache_dir: str) -> dict:
       steps.make_train_step(adapted.module, pipeline.inputs, task, tx, strategy.axis_name, dtype))
   eval_step = strategy.compile_eval(
       steps.make_eval_step(adapted.module, pipeline.inputs, task, dtype))
-  state, frozen = strategy.replicate(state), strategy.replicate(frozen)
+  state, frozen = strategy.place(state), strategy.place(frozen)
   state, _ = jax.block_until_ready(train_step(state, frozen, batch))  # donates the old state
   stage('compile + first train step')
   eval_batch = strategy.shard(next(pipeline.eval()))

@@ -199,8 +199,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.nesterov = True
 
   # Execution and bookkeeping.
-  # pmap: data parallel over all local devices; jit: one program over a mesh.
+  # pmap: data parallel over all local devices; jit: one program over a mesh; fsdp: jit with
+  # params, gradients and optimizer state sharded over the mesh's fsdp axis. README, Memory.
   c.parallel = 'pmap'
+  c.mesh = ml_collections.ConfigDict()
+  # fsdp's device mesh, data x fsdp = the devices; -1: the devices the other axis leaves.
+  c.mesh.data = 1
+  # The batch splits over both axes; params, gradients and optimizer state over this one.
+  c.mesh.fsdp = -1
   # Compute a frozen, deterministic bottom once per example and train the rest on its outputs,
   # kept under <data_dir>/feature_cache: auto (where exact) | on (also a random bottom, in
   # inference mode) | off. README, Speed.

@@ -37,15 +37,18 @@ class Checkpointer:
     return self._manager.best_step()
 
   def save(self, step: int, state, metrics: dict | None = None) -> None:
-    """Saves a host copy of `state`; returns while the write finishes."""
-    self._manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)),
-                       metrics=metrics)
+    """Saves `state` (host arrays, or sharded jax.Arrays: each device's shards written as
+    they lie); returns while the write finishes."""
+    self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
 
   def restore(self, like, step=None):
-    """The state saved at `step` (default: latest), shaped like `like`."""
+    """The state saved at `step` (default: latest), shaped like `like`: host arrays, or
+    jax.ShapeDtypeStructs with shardings, which orbax restores sharded. A checkpoint reads
+    back in any layout, whichever layout wrote it."""
     step = self.latest_step() if step is None else step
     target = jax.tree.map(
-        lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), jax.device_get(like))
+        lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
+        else np.zeros(np.shape(x), np.asarray(x).dtype), like)
     return self._manager.restore(step, args=ocp.args.StandardRestore(target))
 
   def close(self) -> None:

@@ -2,11 +2,18 @@
 
 Frozen params are an argument of the step, never a closed-over constant
 (that would bake them into the program as constants), and only the
-trainable pytree is differentiated. With `axis_name` (pmap) the step
-averages gradients and sums metrics over devices itself. `inputs` maps a
-batch to the model's positional arguments (see pipelines.py). With a
-`compute_dtype` other than float32 the model runs in it (precision.py); the
-loss, the gradients and the update stay float32.
+trainable pytree is differentiated. `inputs` maps a batch to the model's
+positional arguments (see pipelines.py). With a `compute_dtype` other than
+float32 the model runs in it (precision.py); the loss, the gradients and the
+update stay float32.
+
+The step differentiates the loss *sum* and divides by the number of examples
+(or LM targets) in the whole global batch: summed over `grad_accum_steps`
+micro-batches and, under pmap (`axis_name`), over devices. So every layout
+gives the update of the mean loss over the global batch, even where devices
+or micro-batches hold different numbers of targets (padded LM tokens). With
+`grad_accum_steps` = k the micro-batches run one after another in a
+`lax.scan`, their gradients summed: the memory of a batch k times smaller.
 """
 import collections
 
@@ -57,20 +64,23 @@ def make_train_step(module, inputs, task, tx, axis_name, compute_dtype=jnp.float
     if only is not None:
       differentiated, held = paths.split(state['trainable'], only)
 
-    def loss_fn(differentiated, batch, rng):
+    def loss_sum(differentiated, batch, rng):
       outputs = forward(paths.join(differentiated, paths.join(held, frozen)), batch, train=True,
                         rngs={'dropout': rng})
-      return task.loss_and_metrics(outputs, batch)
+      _, metrics = task.loss_and_metrics(outputs, batch)
+      return metrics['loss'], metrics
 
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
     if grad_accum_steps == 1:
-      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(differentiated, batch, rng)
+      (_, metrics), grad_sum = grad_fn(differentiated, batch, rng)
     else:
-      grads, metrics = _accumulate(loss_fn, differentiated, batch, rng, grad_accum_steps)
+      grad_sum, metrics = _accumulate(grad_fn, differentiated, batch, rng, grad_accum_steps)
+    if axis_name:
+      grad_sum, metrics = jax.lax.psum((grad_sum, metrics), axis_name)
+    count = jnp.maximum(metrics['count'], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grad_sum)
     if only is not None:  # the held params' rate is 0 in this phase: zeros change nothing
       grads = paths.join(grads, jax.tree.map(jnp.zeros_like, held))
-    if axis_name:
-      grads = jax.lax.pmean(grads, axis_name)
-      metrics = jax.lax.psum(metrics, axis_name)
     updates, opt_state = tx.update(grads, state['opt_state'], state['trainable'])
     new_state = {'step': state['step'] + 1, 'rng': state['rng'],
                  'trainable': optax.apply_updates(state['trainable'], updates),
@@ -79,23 +89,16 @@ def make_train_step(module, inputs, task, tx, axis_name, compute_dtype=jnp.float
   return train_step
 
 
-def _accumulate(loss_fn, differentiated, batch, rng, k: int):
-  """(gradient of the mean loss, metric sums) over k micro-batches of `batch`, in a scan."""
-  def loss_sum(differentiated, micro, rng):
-    _, metrics = loss_fn(differentiated, micro, rng)
-    return metrics['loss'], metrics
-
+def _accumulate(grad_fn, differentiated, batch, rng, k: int):
+  """(gradient of the loss sum, metric sums) over k micro-batches of `batch`, in a scan."""
   def add_micro(grad_sum, xs):
     micro, i = xs
-    (_, metrics), grads = jax.value_and_grad(loss_sum, has_aux=True)(
-        differentiated, micro, jax.random.fold_in(rng, i))
+    (_, metrics), grads = grad_fn(differentiated, micro, jax.random.fold_in(rng, i))
     return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, differentiated)
   grad_sum, metrics = jax.lax.scan(add_micro, zeros, (micro_batches(batch, k), jnp.arange(k)))
-  metrics = jax.tree.map(lambda m: m.sum(0), metrics)
-  count = jnp.maximum(metrics['count'], 1.0)
-  return jax.tree.map(lambda g: g / count, grad_sum), metrics
+  return grad_sum, jax.tree.map(lambda m: m.sum(0), metrics)
 
 
 def make_eval_step(module, inputs, task, compute_dtype=jnp.float32):

@@ -189,7 +189,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Fine-tunes `config.pretrained` on `config.dataset`; returns results.json."""
   start_time = time.time()
   # Everything a user can get wrong is checked before anything is written.
-  strategy = parallel.make(config.parallel)
+  strategy = parallel.make(config.parallel, tuple(config.mesh.values()))
   config_checks.validate(config, strategy.num_devices)
   workdir_lib.check_compatible(workdir, config)
   task = tasks.make_task(config)
@@ -210,7 +210,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   best_ckpt = (checkpoint.Checkpointer(workdir, 1, best=tasks.selection_metric(config.task))
                if config.keep_best else None)
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
+    state = ckpt.restore(strategy.restore_target(state))
     logging.info('Resumed from step %d of %s.', state['step'], ckpt.directory)
   start_step = int(state['step'])
   results = workdir_lib.read_results(workdir)
@@ -250,8 +250,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   eval_step = strategy.compile_eval(
       steps.make_eval_step(module, pipeline.inputs, task, dtype))
   host_frozen = frozen
-  state = strategy.replicate(state)
-  frozen = strategy.replicate(frozen)
+  state = strategy.place(state)
+  frozen = strategy.place(frozen)
   lr_schedule = optim.schedule(config, config.learning_rate)
 
   writer = workdir_lib.MetricWriter(workdir, start_step)
@@ -260,11 +260,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     metrics = evaluate(eval_step, state, frozen, pipeline, task, strategy)
     writer.write(step, 'eval', metrics)
     if best_ckpt:  # orbax keeps it only while it is the best
-      best_ckpt.save(step, strategy.unreplicate(state), metrics=metrics)
+      best_ckpt.save(step, strategy.checkpointable(state), metrics=metrics)
     logging.info('step %d: %s', step, metrics)
     if config.task == 'causal_lm' and config.generation.prompts:
       samples = sample_texts(config, model, adapted,
-                             strategy.unreplicate(state)['trainable'], host_frozen)
+                             strategy.to_host(state)['trainable'], host_frozen)
       writer.write_samples(step, samples)
       for sample in samples:
         logging.info('step %d sample: %r -> %r', step, sample['prompt'], sample['text'])
@@ -295,7 +295,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         eval_metrics = run_eval(step)
     if step % config.checkpoint_every == 0 or step == config.total_steps:
       with timer.paused(state):
-        ckpt.save(step, strategy.unreplicate(state))
+        ckpt.save(step, strategy.checkpointable(state))
     progress.update(step, logged)
   examples_per_sec = timer.rate(state, config.batch_size * (config.total_steps - start_step - 1))
   progress.close()
@@ -311,7 +311,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   drift = None
   if config.feature_drift_examples and config.task in tasks.CLASSIFICATION and model.head:
-    final_params = paths.join(strategy.unreplicate(state)['trainable'], host_frozen)
+    final_params = paths.join(strategy.to_host(state)['trainable'], host_frozen)
     drift = feature_drift.feature_drift(
         adapted.module, model.head, adapted.params, final_params, raw_pipeline.eval,
         raw_pipeline.inputs, config.feature_drift_examples, dtype)

@@ -55,14 +55,14 @@ def _train(name, strategy, accum, num_steps=3):
            'trainable': trainable, 'opt_state': tx.init(trainable)}
   step = strategy.compile_train(steps.make_train_step(
       adapted.module, inputs, task, tx, strategy.axis_name, grad_accum_steps=accum))
-  state, frozen = strategy.replicate(state), strategy.replicate(frozen)
+  state, frozen = strategy.place(state), strategy.place(frozen)
   sums = []
   for i in range(num_steps):
     state, metrics = step(state, frozen, strategy.shard(make_batch(i)))
     sums.append(jax.device_get(metrics))
   if isinstance(strategy, parallel.Pmap):  # psum-ed: every device holds the total
     sums = [jax.tree.map(lambda x: x[0], s) for s in sums]
-  return start, strategy.unreplicate(state)['trainable'], sums
+  return start, strategy.to_host(state)['trainable'], sums
 
 
 @pytest.mark.parametrize('name,make', [

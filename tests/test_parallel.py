@@ -31,12 +31,12 @@ def train_with(strategy, num_steps=4):
   step = strategy.compile_train(steps.make_train_step(
       adapted.module, inputs, task, tx, strategy.axis_name))
   evaluate = strategy.compile_eval(steps.make_eval_step(adapted.module, inputs, task))
-  state, frozen = strategy.replicate(state), strategy.replicate(frozen)
+  state, frozen = strategy.place(state), strategy.place(frozen)
   for i in range(num_steps):
     state, metrics = step(state, frozen, strategy.shard(batch(i, n=16)))
   eval_batch = dict(batch(99, n=16), mask=np.arange(16) < 13)
   sums = evaluate(state['trainable'], frozen, strategy.shard(eval_batch))
-  state = strategy.unreplicate(state)
+  state = strategy.to_host(state)
   if isinstance(strategy, parallel.Pmap):  # each device's own sums: added up on the host
     sums = jax.tree.map(lambda x: x.sum(0), sums)
   return state, jax.device_get(sums)
@@ -65,14 +65,18 @@ def test_same_results_as_one_device(make):
 @pytest.mark.slow
 def test_runs_with_more_devices_than_cores_and_many_evals_finish(tmp_path):
   """The eval step has no collective (issue: an eval all-reduce under 4 forced devices on 2
-  cores waited forever for one device, then aborted in 2 runs of 5)."""
+  cores waited forever for one device, then aborted in 2 runs of 5). Then the same with
+  gradient accumulation, under pmap and under fsdp, whose every step gathers sharded params."""
   root = os.path.join(os.path.dirname(__file__), '..')
-  for attempt in range(2):
+  modes = [(), ('--config.grad_accum_steps=2',),
+           ('--config.grad_accum_steps=2', '--config.parallel=fsdp')]
+  for attempt, mode in enumerate(modes):
     proc = subprocess.run(
         [sys.executable, '-m', 'finetune_jax.main', '--config=configs/default.py:smoke',
          f'--workdir={tmp_path / str(attempt)}', '--config.pretrained=efficientnet-lite-tiny',
          '--config.dataset=mnist5k', '--config.image_size=32', '--config.batch_size=32',
-         '--config.eval_batch_size=64', '--config.eval_every=1', '--config.peft.num_frozen_blocks=2'],
+         '--config.eval_batch_size=64', '--config.eval_every=1', '--config.peft.num_frozen_blocks=2',
+         *mode],
         capture_output=True, text=True, cwd=root, timeout=600,
         env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
     assert proc.returncode == 0, proc.stderr[-3000:]
