@@ -207,6 +207,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = 1
   # The batch splits over both axes; params, gradients and optimizer state over this one.
   c.mesh.fsdp = -1
+  # A run of several processes (README, Several hosts); TPU pods, SLURM and Open MPI are detected.
+  c.distributed = ml_collections.ConfigDict()
+  # host:port of process 0's coordinator ($JAX_COORDINATOR_ADDRESS).
+  c.distributed.coordinator = ''
+  # > 1: this run is one of that many processes ($JAX_NUM_PROCESSES).
+  c.distributed.num_processes = 1
+  # This process's index, 0 .. num_processes - 1 ($JAX_PROCESS_ID).
+  c.distributed.process_id = 0
+  # Seconds to wait for the other processes before a clear error.
+  c.distributed.timeout_s = 300
   # Compute a frozen, deterministic bottom once per example and train the rest on its outputs,
   # kept under <data_dir>/feature_cache: auto (where exact) | on (also a random bottom, in
   # inference mode) | off. README, Speed.

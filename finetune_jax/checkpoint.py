@@ -36,6 +36,11 @@ class Checkpointer:
   def best_step(self):
     return self._manager.best_step()
 
+  def reached_preemption(self, step: int) -> bool:
+    """Whether the job is being preempted and every process has reached `step` (JAX's
+    preemption sync point, where jax.distributed runs one; always False otherwise)."""
+    return self._manager.reached_preemption(step)
+
   def save(self, step: int, state, metrics: dict | None = None) -> None:
     """Saves `state` (host arrays, or sharded jax.Arrays: each device's shards written as
     they lie); returns while the write finishes."""

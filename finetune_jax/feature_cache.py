@@ -351,9 +351,9 @@ def build(plan_: Plan, decision: Decision, config, adapted, splits, pipeline, dt
   return FromFeatures(adapted.module, block), pipelines.Pipeline(
       train=lambda start_step: data.train_batches(
           features['train'], batch_size=config.batch_size, seed=config.seed,
-          start_step=start_step),
+          start_step=start_step, per_process=True),
       inputs=inputs, describe=f'cached features at the input of {block}',
       **pipelines.eval_passes(lambda split: functools.partial(
-          data.eval_batches, split, batch_size=config.eval_batch_size),
+          data.eval_batches, split, batch_size=config.eval_batch_size, per_process=True),
                               features['eval'], features.get('val'),
                               pipelines.extra_splits(features)))

@@ -17,6 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from finetune_jax import cli
+from finetune_jax import distributed
 from finetune_jax import train
 
 FLAGS = flags.FLAGS
@@ -62,6 +63,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
   xla_flags(FLAGS.config)  # before the first use of a device starts JAX's backend
+  distributed.initialize(FLAGS.config)
   use_compilation_cache(FLAGS.config.compilation_cache_dir)
   logging.info('JAX devices: %s', jax.local_devices())
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

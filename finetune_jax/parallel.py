@@ -14,6 +14,7 @@ it back whole; `checkpointable` is what a checkpoint saves, and orbax restores
 into it with the same layout.
 """
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -85,7 +86,7 @@ class Jit:
     return _abstract(tree, lambda x: self._replicated)
 
   def shard(self, batch):
-    return jax.device_put(batch, self._sharded)
+    return _global_batch(batch, self._sharded)
 
   def compile_train(self, step):
     return jax.jit(step, donate_argnums=(0,),
@@ -93,6 +94,14 @@ class Jit:
 
   def compile_eval(self, step):
     return jax.jit(step, out_shardings=self._replicated)
+
+
+def _global_batch(batch, sharding):
+  """One global array per leaf: from the whole batch in one process, or from each process's
+  own rows (data.process_rows) in a run of several."""
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 def _abstract(tree, sharding_of):
@@ -132,7 +141,10 @@ class Fsdp:
     return jax.tree.map(lambda x: jax.device_put(x, self.sharding(x)), tree)
 
   def to_host(self, tree):
-    return jax.device_get(tree)
+    """The whole tree on every process's host (an all-gather across processes)."""
+    if jax.process_count() == 1:
+      return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
   def checkpointable(self, tree):
     return tree
@@ -142,7 +154,7 @@ class Fsdp:
     return _abstract(tree, self.sharding)
 
   def shard(self, batch):
-    return jax.device_put(batch, self._batch)
+    return _global_batch(batch, self._batch)
 
   def _constrain(self, tree):
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.sharding(x)), tree)
@@ -150,7 +162,8 @@ class Fsdp:
   def compile_train(self, step):
     def sharded_step(state, frozen, batch):  # the new state keeps the state's layout
       new_state, metrics = step(state, frozen, batch)
-      return self._constrain(new_state), metrics
+      return (self._constrain(new_state),
+              jax.lax.with_sharding_constraint(metrics, self._replicated))
     return jax.jit(sharded_step, donate_argnums=(0,))
 
   def compile_eval(self, step):

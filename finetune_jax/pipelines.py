@@ -148,11 +148,16 @@ def _images(config, splits, model) -> Pipeline:
       train=lambda start_step: data.train_batches(
           splits['train'], batch_size=config.batch_size, seed=config.seed,
           start_step=start_step, transform=train_transform,
-          worker_count=config.worker_count),
+          worker_count=config.worker_count, per_process=True),
       inputs=lambda batch: (preprocess(batch['image']),),
       **eval_passes(lambda split: functools.partial(
-          data.eval_batches, split, batch_size=config.eval_batch_size, transform=eval_transform),
-                    splits['eval'], splits.get('val'), extra_splits(splits)))
+          data.eval_batches, split, batch_size=config.eval_batch_size, transform=eval_transform,
+          per_process=True), splits['eval'], splits.get('val'), extra_splits(splits)))
+
+
+def _local(batches_fn, batch_size: int):
+  """`batches_fn` yielding this process's rows of each global batch (data.local_rows)."""
+  return lambda *args, **kwargs: data.local_rows(batches_fn(*args, **kwargs), batch_size)
 
 
 # -------------------------------------------------------------------- text
@@ -204,12 +209,13 @@ def _text(config, model, reserved_positions: int) -> Pipeline:
     pad = eos if pad is None else pad
     shared = dict(seq_len=text.max_length, eos_id=eos, pad_id=pad)
     return Pipeline(
-        train=lambda start_step: data.packed_lm_batches(
+        train=_local(lambda start_step: data.packed_lm_batches(
             train_split, batch_size=config.batch_size, seed=config.seed,
-            start_step=start_step, **shared),
+            start_step=start_step, **shared), config.batch_size),
         inputs=inputs, describe=f'packed rows of {text.max_length} tokens',
-        **eval_passes(lambda split: functools.partial(
+        **eval_passes(lambda split: _local(functools.partial(
             data.packed_lm_eval_batches, split, batch_size=config.eval_batch_size, **shared),
+                                           config.eval_batch_size),
                       eval_split, val_split, extras))
   for name, split in (('train', train_split), (config.eval_split, eval_split)):
     truncated = data.check_lengths(split, text.max_length, text.truncate,
@@ -221,10 +227,11 @@ def _text(config, model, reserved_positions: int) -> Pipeline:
   buckets = tuple(text.buckets) or data.bucket_lengths(text.max_length)
   shared = dict(max_length=text.max_length, buckets=buckets, pad_id=pad)
   return Pipeline(
-      train=lambda start_step: data.text_batches(
+      train=_local(lambda start_step: data.text_batches(
           train_split, batch_size=config.batch_size, seed=config.seed,
-          start_step=start_step, truncate=text.truncate, **shared),
+          start_step=start_step, truncate=text.truncate, **shared), config.batch_size),
       inputs=inputs, describe=f'padded to buckets {list(buckets)}',
-      **eval_passes(lambda split: functools.partial(
+      **eval_passes(lambda split: _local(functools.partial(
           data.text_eval_batches, split, batch_size=config.eval_batch_size,
-          sort_by_length=True, **shared), eval_split, val_split, extras))
+          sort_by_length=True, **shared), config.eval_batch_size),
+                    eval_split, val_split, extras))

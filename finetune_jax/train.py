@@ -18,6 +18,7 @@ import tqdm
 
 from finetune_jax import checkpoint
 from finetune_jax import config_checks
+from finetune_jax import distributed
 from finetune_jax import drift as feature_drift
 from finetune_jax import errors
 from finetune_jax import feature_cache
@@ -189,6 +190,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Fine-tunes `config.pretrained` on `config.dataset`; returns results.json."""
   start_time = time.time()
   # Everything a user can get wrong is checked before anything is written.
+  distributed.check(config)
   strategy = parallel.make(config.parallel, tuple(config.mesh.values()))
   config_checks.validate(config, strategy.num_devices)
   workdir_lib.check_compatible(workdir, config)
@@ -293,10 +295,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if step % config.eval_every == 0 or step == config.total_steps:
       with timer.paused(state):
         eval_metrics = run_eval(step)
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
+    preempted = ckpt.reached_preemption(step)
+    if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
       with timer.paused(state):
         ckpt.save(step, strategy.checkpointable(state))
     progress.update(step, logged)
+    if preempted:  # every process saved this step; the same command resumes from it
+      logging.warning('Preempted at step %d: checkpoint saved, run again to resume.', step)
+      progress.close()
+      for manager in filter(None, (ckpt, best_ckpt)):
+        manager.close()
+      writer.close()
+      return {'preempted_at': step, 'steps': config.total_steps, 'final': eval_metrics,
+              'wall_s': time.time() - start_time}
   examples_per_sec = timer.rate(state, config.batch_size * (config.total_steps - start_step - 1))
   progress.close()
   if not eval_metrics:  # Resumed exactly at the end: evaluate what was restored.

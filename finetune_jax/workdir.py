@@ -10,6 +10,7 @@ import os
 import tensorboardX
 
 from finetune_jax import base_config
+from finetune_jax import distributed
 from finetune_jax import peft
 
 # Keys that fix the model, method, data or shapes of a run. Changing one
@@ -83,6 +84,8 @@ def check_compatible(workdir: str, config) -> None:
 
 
 def write_config(workdir: str, config) -> None:
+  if not distributed.is_writer():
+    return
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(config.to_dict(), f, indent=2, sort_keys=True)
@@ -97,6 +100,8 @@ def read_results(workdir: str):
 
 
 def write_results(workdir: str, results: dict) -> None:
+  if not distributed.is_writer():
+    return
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2, sort_keys=True)
 
@@ -105,29 +110,38 @@ class MetricWriter:
   """Appends events to metrics.jsonl and TensorBoard.
 
   On resume, events logged after the restored step by the interrupted run are
-  dropped, so the file reads as one uninterrupted run.
+  dropped, so the file reads as one uninterrupted run. In a run of several
+  processes only process 0 writes.
   """
 
   def __init__(self, workdir: str, resume_step: int):
     self._path = os.path.join(workdir, 'metrics.jsonl')
     self._samples_path = os.path.join(workdir, 'samples.jsonl')
+    self._tb = None
+    if not distributed.is_writer():
+      return
     for path in (self._path, self._samples_path):
       _drop_after(path, resume_step)
     self._tb = tensorboardX.SummaryWriter(workdir)
 
   def write(self, step: int, split: str, metrics: dict) -> None:
+    if self._tb is None:
+      return
     _append(self._path, {'step': step, 'split': split, **metrics})
     for name, value in metrics.items():
       self._tb.add_scalar(f'{split}/{name}', value, step)
 
   def write_samples(self, step: int, samples: list) -> None:
     """Generated continuations: [{'prompt', 'text'}, ...]."""
+    if self._tb is None:
+      return
     for i, sample in enumerate(samples):
       _append(self._samples_path, {'step': step, **sample})
       self._tb.add_text(f'samples/{i}', f'**{sample["prompt"]}**{sample["text"]}', step)
 
   def close(self) -> None:
-    self._tb.close()
+    if self._tb is not None:
+      self._tb.close()
 
 
 def read_event(workdir: str, step: int, split: str) -> dict | None:

@@ -40,6 +40,7 @@ from finetune_jax.data.pipeline import Split
 from finetune_jax.data.pipeline import Subset
 from finetune_jax.data.pipeline import carve
 from finetune_jax.data.pipeline import eval_batches
+from finetune_jax.data.pipeline import local_rows
 from finetune_jax.data.pipeline import train_batches
 from finetune_jax.data.text import TextSplit
 from finetune_jax.data.text import bucket_lengths
@@ -49,7 +50,7 @@ from finetune_jax.data.text import prepare_tokenized
 from finetune_jax.data.text import text_batches
 from finetune_jax.data.text import text_eval_batches
 
-__all__ = ['DATASETS', 'Split', 'Subset', 'carve', 'load_split', 'train_batches', 'eval_batches',
+__all__ = ['DATASETS', 'Split', 'Subset', 'carve', 'load_split', 'train_batches', 'eval_batches', 'local_rows',
            'prepare', 'make_image_transform', 'TextSplit', 'load_text_split',
            'prepare_tokenized', 'check_lengths', 'bucket_lengths',
            'text_batches', 'text_eval_batches', 'packed_lm_batches',

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from absl import flags
 import grain
+import jax
 import numpy as np
 
 Batch = dict[str, np.ndarray]
@@ -130,7 +131,7 @@ def carve(split: Split, *, validation: float, train_examples: float, seed: int,
 
 def train_batches(split: Split, *, batch_size: int, seed: int,
                   start_step: int = 0, transform: Callable | None = None,
-                  worker_count: int = 0) -> Iterator[Batch]:
+                  worker_count: int = 0, per_process: bool = False) -> Iterator[Batch]:
   """Infinite stream of global batches, reshuffled every epoch.
 
   Batch k is a pure function of (seed, k): `start_step=k` yields exactly what
@@ -147,6 +148,8 @@ def train_batches(split: Split, *, batch_size: int, seed: int,
       `grain.transforms.RandomMap` (given a generator seeded by (seed, step),
       so augmentation is resumable too). Runs in the grain workers.
     worker_count: grain worker processes; 0 reads in this process.
+    per_process: read and yield only this process's rows of each global batch
+      (`process_rows`), in a run of several processes.
   """
   _check_positive(batch_size=batch_size)
   if start_step < 0:
@@ -157,22 +160,24 @@ def train_batches(split: Split, *, batch_size: int, seed: int,
   indices = grain.MapDataset.range(len(split.source)).shuffle(seed=shuffle_seed)
   indices = indices.repeat()  # each epoch is reshuffled (seed + epoch)
   batches = indices.batch(batch_size, drop_remainder=True).map_with_index(
-      ReadBatch(split.source, transform, shuffle_seed))
+      ReadBatch(split.source, transform, shuffle_seed, rows=_rows(batch_size, per_process)))
   return _iterate(batches[start_step:], worker_count)
 
 
 def eval_batches(split: Split, *, batch_size: int,
                  transform: Callable | None = None,
-                 worker_count: int = 0) -> Iterator[Batch]:
+                 worker_count: int = 0, per_process: bool = False) -> Iterator[Batch]:
   """One pass over the split in stored order, every batch exactly batch_size.
 
   The last batch is padded with blank examples; `mask` (bool [B]) is True
   for real examples, so summing metrics under the mask counts each once.
+  `per_process`: as train_batches'.
   """
   _check_positive(batch_size=batch_size)
   batches = grain.MapDataset.range(len(split.source)).batch(batch_size)
   batches = batches.map_with_index(
-      ReadBatch(split.source, transform, seed=0, pad_to=batch_size))
+      ReadBatch(split.source, transform, seed=0, pad_to=batch_size,
+                rows=_rows(batch_size, per_process)))
   return _iterate(batches, worker_count)
 
 
@@ -183,33 +188,61 @@ class ReadBatch:
   """
 
   def __init__(self, source, transform=None, seed: int = 0,
-               pad_to: int | None = None):
+               pad_to: int | None = None, rows: slice = slice(None)):
     self.source = source
     self.transform = transform
     self.seed = seed
     self.pad_to = pad_to
+    self.rows = rows  # of the global batch that this process reads (process_rows)
 
   def __call__(self, step: int, indices: np.ndarray) -> Batch:
-    examples = read_examples(self.source, indices.tolist())
-    examples = self._transformed(step, examples)
+    positions = np.arange(self.pad_to or len(indices))[self.rows]
+    real = positions[positions < len(indices)]
+    examples = read_examples(self.source, indices[real].tolist())
+    examples = self._transformed(step, examples, real)
     if self.pad_to is None:
       return stack_examples(examples)
-    num_real = len(examples)
-    examples += [blank_like(examples[0])] * (self.pad_to - num_real)
+    blank = blank_like(examples[0] if examples else self.source[0])
+    examples += [blank] * (len(positions) - len(real))
     batch = stack_examples(examples)
-    batch['mask'] = np.arange(self.pad_to) < num_real
+    batch['mask'] = np.arange(len(positions)) < len(real)
     return batch
 
-  def _transformed(self, step: int, examples: list) -> list:
+  def _transformed(self, step: int, examples: list, positions) -> list:
     transform = self.transform
     if transform is None:
       return list(examples)
     if isinstance(transform, grain.transforms.RandomMap):
-      rng = np.random.default_rng([self.seed, step])
-      return [transform.random_map(ex, rng) for ex in examples]
+      # Seeded by (seed, step, row of the global batch): the same draws whichever process
+      # reads the row.
+      return [transform.random_map(ex, np.random.default_rng([self.seed, step, int(i)]))
+              for ex, i in zip(examples, positions)]
     if isinstance(transform, grain.transforms.Map):
       transform = transform.map
     return [transform(ex) for ex in examples]
+
+
+def process_rows(batch_size: int) -> slice:
+  """The rows of a global batch that this process reads: its equal share, in process order
+  (the devices of process i hold the i-th block of a batch sharded over all devices)."""
+  count = jax.process_count()
+  if batch_size % count:
+    raise ValueError(f'batch size {batch_size} must be divisible by the {count} processes.')
+  share = batch_size // count
+  return slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+
+
+def _rows(batch_size: int, per_process: bool) -> slice:
+  return process_rows(batch_size) if per_process else slice(None)
+
+
+def local_rows(batches: Iterator[Batch], batch_size: int) -> Iterator[Batch]:
+  """This process's rows of each global batch, for pipelines that must read whole batches
+  (text ones tokenise and bucket a batch together)."""
+  rows = process_rows(batch_size)
+  if rows == slice(0, batch_size):
+    return batches
+  return (jax.tree.map(lambda x: x[rows], b) for b in batches)
 
 
 def read_examples(source, indices: Sequence[int]) -> list:
