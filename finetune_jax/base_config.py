@@ -160,6 +160,11 @@ def get_config() -> ml_collections.ConfigDict:
   # The rate of the params a method adds (LoRA, adapters, IA3, prompts, prefixes); None:
   # head_learning_rate, else learning_rate.
   c.peft.learning_rate = config_dict.placeholder(float)
+  # QLoRA: hold the frozen Dense kernels quantized (int8 | nf4), dequantized inside each matmul;
+  # none keeps them float. Not with methods that train the base (full, bitfit, partial).
+  c.peft.quantize_base = 'none'
+  # Inputs per quantization block (one scale per block and output); 64 as QLoRA.
+  c.peft.quantize_block = 64
 
   # Optimisation.
   c.total_steps = 1000

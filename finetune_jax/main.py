@@ -43,9 +43,10 @@ def use_compilation_cache(directory: str) -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-# What remat needs of XLA:CPU (README, Memory): its memory-optimised scheduler, not the default
-# that favours concurrency; and remat's optimisation barriers kept, which XLA:CPU otherwise
-# expands away, after which CSE merges each recomputation back into the forward pass.
+# What remat and a quantized base's recomputed dequantization need of XLA:CPU (README, Memory):
+# its memory-optimised scheduler, not the default that favours concurrency; and the
+# optimisation barriers of jax.checkpoint kept, which XLA:CPU otherwise expands away, after
+# which CSE merges each recomputation back into the forward pass.
 REMAT_XLA_FLAGS = ('--xla_cpu_enable_concurrency_optimized_scheduler=false',
                    '--xla_disable_hlo_passes=cse_barrier_expander')
 
@@ -53,7 +54,7 @@ REMAT_XLA_FLAGS = ('--xla_cpu_enable_concurrency_optimized_scheduler=false',
 def xla_flags(config) -> None:
   """Sets the XLA flags a config needs in $XLA_FLAGS, which JAX reads when it starts."""
   flags_now = os.environ.get('XLA_FLAGS', '')
-  if config.remat != 'none':
+  if config.remat != 'none' or config.peft.quantize_base != 'none':  # both recompute
     missing = [f for f in REMAT_XLA_FLAGS if f.split('=')[0] not in flags_now]
     os.environ['XLA_FLAGS'] = ' '.join([flags_now, *missing]).strip()
 

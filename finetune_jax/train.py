@@ -224,7 +224,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   report = {'trainable_params': paths.count(state['trainable']),
             'total_params': paths.count(adapted.params),
-            'optimizer_state_bytes': optim.state_bytes(state['opt_state'])}
+            'optimizer_state_bytes': optim.state_bytes(state['opt_state']),
+            # As held: a quantized base (peft.quantize_base) counts its values and scales.
+            'frozen_param_bytes': optim.state_bytes(frozen)}
   logging.info('Method %s: %d of %d params train (%.2f%%); optimizer state %d bytes.',
                config.peft.method, report['trainable_params'], report['total_params'],
                100 * report['trainable_params'] / report['total_params'],

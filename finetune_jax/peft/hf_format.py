@@ -22,6 +22,7 @@ from finetune_jax.peft import hf_common
 from finetune_jax.peft import hf_names
 from finetune_jax.peft import method as method_lib
 from finetune_jax.peft import paths
+from finetune_jax.peft import quantize
 
 PEFT_CONFIG, PEFT_WEIGHTS = hf_common.PEFT_CONFIG, hf_common.PEFT_WEIGHTS
 OUR_CONFIG, OUR_WEIGHTS = 'adapter.json', 'adapter.safetensors'
@@ -65,8 +66,9 @@ def save_peft(model, adapted, params, out_dir: str, *, method: str,
 
 
 def merged_params(adapted, params, *, method: str) -> dict:
-  """Plain model params: what the method learned folded into the weights."""
-  return method_lib.get(method).merged(adapted, params)
+  """Plain model params: what the method learned folded into the weights, on the base it
+  trained on (a quantized base dequantized, as QLoRA merges)."""
+  return method_lib.get(method).merged(adapted, quantize.dequantize_tree(params))
 
 
 def save_merged(model, adapted, params, out_dir: str, *, method: str) -> None:

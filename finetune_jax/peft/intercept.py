@@ -14,7 +14,9 @@ import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import qwix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +30,18 @@ class Call:
 
   def run(self):
     """The original call. Once only: a compact layer cannot run twice here."""
+    if quantized_kernel(self.module) is not None:
+      return self.run_on(self.inputs)
     return self.next_fun(*self.args, **self.kwargs)
 
   def run_on(self, inputs):
-    """The original call on other inputs (IA3 rescales a layer's input). Once only."""
+    """The original call on other inputs (IA3 rescales a layer's input). Once only.
+
+    An nn.Dense whose kernel is quantized (QLoRA's base, peft/quantize.py) is computed
+    here, with the kernel dequantized inside the matmul."""
+    kernel = quantized_kernel(self.module)
+    if kernel is not None:
+      return quantized_dense(self.module, inputs, kernel)
     if self.args:
       return self.next_fun(inputs, *self.args[1:], **self.kwargs)
     return self.next_fun(**{**self.kwargs, 'inputs': inputs})
@@ -43,6 +53,36 @@ class Call:
   @property
   def path(self) -> str:
     return '/'.join(self.module.path)
+
+
+def quantized_kernel(module: nn.Module):
+  """The module's kernel where it is an nn.Dense with a quantized (qwix) kernel, else None."""
+  if isinstance(module, nn.Dense) and module.has_variable('params', 'kernel'):
+    kernel = module.get_variable('params', 'kernel')
+    if isinstance(kernel, qwix.QArray):
+      return kernel
+  return None
+
+
+def float_kernel(module: nn.Module):
+  """The module's kernel as floats: dequantized where it is quantized."""
+  kernel = module.get_variable('params', 'kernel')
+  return qwix.dequantize(kernel) if isinstance(kernel, qwix.QArray) else kernel
+
+
+@jax.checkpoint
+def _dequantized_matmul(x, kernel):
+  # Under jax.checkpoint the backward pass dequantizes the kernel again instead of keeping
+  # the float copy from the forward pass: only the quantized kernel stays in memory.
+  return jnp.dot(x, qwix.dequantize(kernel).astype(x.dtype))
+
+
+def quantized_dense(module: nn.Dense, x, kernel):
+  """What nn.Dense `module` returns for `x` with its quantized `kernel`."""
+  y = _dequantized_matmul(x, kernel)
+  if module.use_bias:
+    y = y + module.get_variable('params', 'bias').astype(y.dtype)
+  return y
 
 
 def check_layer(call: Call, option: str, method: str):

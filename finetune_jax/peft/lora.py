@@ -113,7 +113,7 @@ class Hook:
     update = intercept.matmul(m, _apply_kernel(m, dropped, a), b)
     if not self.dora:
       return (y + s * update).astype(y.dtype)
-    kernel = m.get_variable('params', 'kernel')
+    kernel = intercept.float_kernel(m)
     if dropped is x:
       base_out = y - m.get_variable('params', 'bias') if m.use_bias else y
     else:  # as HF PEFT: with dropout on, the base term is recomputed on the dropped x

@@ -61,7 +61,8 @@ def join(trainable: Mapping, frozen: Mapping) -> dict:
 
 
 def count(params: Mapping) -> int:
-  return sum(int(v.size) for v in flatten(params).values())
+  """Parameters, a quantized kernel counted as the values it holds."""
+  return sum(int(np.prod(np.shape(getattr(v, 'qvalue', v)))) for v in flatten(params).values())
 
 
 def candidate_modules(flat: Mapping, skip: str | None = None) -> list[str]:

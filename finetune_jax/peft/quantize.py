@@ -1,0 +1,83 @@
+"""QLoRA's base: the frozen Dense kernels held quantized, dequantized inside each matmul.
+
+`peft.quantize_base` = int8 | nf4 (NormalFloat 4, Dettmers et al. 2023) | none. After the
+method has split the params, every frozen 2-D `kernel` of an nn.Dense becomes a qwix
+`QArray`: int8 or 4-bit values with one float32 scale per block of `peft.quantize_block`
+inputs and per output. What trains (LoRA's factors, the head, biases, norms) stays float32.
+
+Each nn.Dense whose kernel is quantized computes x @ dequantize(kernel) + bias inside a
+`jax.checkpoint` (`intercept.quantized_dense`), so the backward pass keeps the quantized
+kernel and dequantizes it again, instead of keeping a float copy of every kernel from the
+forward pass (README, Memory: the XLA:CPU flags this needs, which the CLI sets). The call is
+routed through the same interception as LoRA's (`intercept.Call.run`), below the method's
+own hook; a method without one gets a pass-through hook.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import qwix
+
+from finetune_jax import errors
+from finetune_jax.peft import base
+from finetune_jax.peft import intercept
+from finetune_jax.peft import paths
+
+QUANTIZE_BASE = ('none', 'int8', 'nf4')
+# Methods whose training changes the base weights, which a quantized base cannot hold.
+TRAINS_BASE = ('full', 'bitfit', 'partial')
+
+
+def check(cfg) -> None:
+  """A ConfigError for a quantize_base this method cannot use, before anything loads."""
+  mode = cfg.get('quantize_base', 'none')
+  if mode not in QUANTIZE_BASE:
+    raise errors.ConfigError('peft.quantize_base', f'peft.quantize_base={mode!r} is unknown; '
+                             f'use one of {", ".join(QUANTIZE_BASE)}.')
+  method = cfg.method if cfg.method != 'lp_ft' else cfg.lp_ft.body
+  if mode != 'none' and method in TRAINS_BASE:
+    raise errors.ConfigError(
+        'peft.quantize_base', f'peft.quantize_base={mode} freezes the base weights in '
+        f'{mode}, but peft.method={method} trains them; use a method that trains added params '
+        '(lora, dora, ia3, adapter, prompt_tuning, prefix_tuning, linear_probe) or '
+        'quantize_base=none.')
+
+
+def quantize_kernel(kernel, mode: str, block: int):
+  """A (in, out) kernel as a QArray: per-output scales over blocks of `block` inputs."""
+  tile = block if kernel.shape[0] % block == 0 else kernel.shape[0]
+  return qwix.quantize(jnp.asarray(kernel), mode, channelwise_axes=(1,), tiled_axes={0: tile})
+
+
+def is_quantized(value) -> bool:
+  return isinstance(value, qwix.QArray)
+
+
+def dequantize_tree(tree):
+  """Every QArray in `tree` as a float array (export's merge, a float copy for checks)."""
+  return jax.tree.map(lambda x: qwix.dequantize(x) if is_quantized(x) else x, tree,
+                      is_leaf=is_quantized)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassThrough:
+  """The interception hook of a method that has none: every call as it is (Call.run
+  computes the quantized layers)."""
+
+  def __call__(self, call: intercept.Call):
+    return call.run()
+
+
+def quantize_base(adapted: base.Adapted, cfg) -> base.Adapted:
+  """`adapted` with its frozen Dense kernels quantized (cfg.quantize_base), or as it is."""
+  mode = cfg.get('quantize_base', 'none')
+  if mode == 'none':
+    return adapted
+  flat = paths.flatten(adapted.params)
+  quantized = {p: quantize_kernel(v, mode, cfg.quantize_block)
+               if p.endswith('/kernel') and p not in adapted.trainable and v.ndim == 2 else v
+               for p, v in flat.items()}
+  module = adapted.module
+  if not isinstance(module, intercept.Intercepted):
+    module = intercept.Intercepted(module, PassThrough())
+  return dataclasses.replace(adapted, module=module, params=paths.unflatten(quantized))

@@ -1,0 +1,112 @@
+"""peft.quantize_base: LoRA (and the other added-param methods) on a quantized frozen base."""
+import contextlib
+import io
+
+import jax
+from jax import ad_checkpoint
+import numpy as np
+import pytest
+import qwix
+
+from finetune_jax import base_config
+from finetune_jax import errors
+from finetune_jax import models
+from finetune_jax import peft
+from finetune_jax import steps
+from finetune_jax import tasks
+from finetune_jax import train
+from finetune_jax.peft import hf_format
+from finetune_jax.peft import paths
+from test_main import tiny_config
+
+
+def _config(mode, method='lora'):
+  c = base_config.get_config()
+  c.peft.method, c.peft.quantize_base = method, mode
+  c.warmup_steps, c.learning_rate = 0, 1e-2
+  return c
+
+
+def _setup(mode, method='lora'):
+  c = _config(mode, method)
+  model = models.load_pretrained('llama-tiny')
+  adapted = peft.adapt(model, c.peft)
+  state, frozen, tx = train.initial_state(c, model, adapted)
+  return model, adapted, state, frozen, tx
+
+
+def _batch(i):
+  ids = np.random.default_rng(i).integers(0, 257, (8, 32)).astype(np.int32)
+  return {'input_ids': ids, 'attention_mask': np.ones_like(ids), 'loss_mask': np.ones_like(ids)}
+
+
+def _losses(mode, method='lora', num_steps=5):
+  _, adapted, state, frozen, tx = _setup(mode, method)
+  step = jax.jit(steps.make_train_step(adapted.module, lambda b: (b['input_ids'],
+                                                                   b['attention_mask']),
+                                       tasks.CausalLM(), tx, None))
+  losses = []
+  for i in range(num_steps):
+    state, metrics = step(state, frozen, _batch(i))
+    losses.append(float(metrics['loss'] / metrics['count']))
+  return losses, state
+
+
+@pytest.mark.parametrize('mode,qtype', [('int8', 'int8'), ('nf4', 'uint4')])
+def test_frozen_dense_kernels_are_held_quantized(mode, qtype):
+  _, adapted, state, frozen, _ = _setup(mode)
+  kernels = {p: v for p, v in paths.flatten(frozen).items() if p.endswith('_proj/kernel')}
+  assert kernels and all(isinstance(v, qwix.QArray) for v in kernels.values())
+  assert {str(v.qvalue.dtype) for v in kernels.values()} == {qtype}
+  assert all(v.dtype == np.float32 for v in jax.tree.leaves(state['trainable']))
+  float_bytes = sum(4 * np.prod(v.qvalue.shape) for v in kernels.values())
+  held = sum(x.nbytes for x in jax.tree.leaves(kernels))
+  assert float_bytes >= 3 * held, (float_bytes, held)
+
+
+@pytest.mark.parametrize('mode,method,rtol', [('int8', 'lora', 1e-3), ('nf4', 'lora', 1e-2),
+                                              ('nf4', 'ia3', 1e-2)])
+def test_training_on_the_quantized_base_tracks_the_float_base(mode, method, rtol):
+  reference, _ = _losses('none', method)
+  losses, state = _losses(mode, method)
+  np.testing.assert_allclose(losses, reference, rtol=rtol)
+  _, _, start, _, _ = _setup(mode, method)
+  moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state['trainable']),
+                                                 jax.tree.leaves(start['trainable']))]
+  assert any(moved)
+
+
+def test_the_backward_pass_keeps_no_float_copy_of_a_kernel():
+  model, adapted, state, frozen, _ = _setup('int8')
+  shapes = {tuple(v.qvalue.shape) for v in jax.tree.leaves(
+      frozen, is_leaf=lambda x: isinstance(x, qwix.QArray)) if isinstance(v, qwix.QArray)}
+  batch = _batch(0)
+
+  def loss(trainable):
+    outputs = adapted.module.apply({'params': paths.join(trainable, frozen)},
+                                   batch['input_ids'], batch['attention_mask'], train=True)
+    return tasks.CausalLM().loss_and_metrics(outputs, batch)[0]
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    ad_checkpoint.print_saved_residuals(loss, state['trainable'])
+  residuals = [line.split(' ')[0] for line in printed.getvalue().splitlines()]
+  as_float = {f'f32[{",".join(map(str, s))}]' for s in shapes}
+  as_int8 = {f'i8[{",".join(map(str, s))}]' for s in shapes}
+  assert not as_float & set(residuals), residuals
+  assert as_int8 & set(residuals)
+
+
+@pytest.mark.parametrize('method', ['full', 'bitfit', 'partial'])
+def test_methods_that_train_the_base_are_refused_before_writing(method, tmp_path):
+  config = tiny_config(peft={'method': method, 'num_frozen_blocks': 1, 'quantize_base': 'nf4'})
+  with pytest.raises(errors.ConfigError, match=f'peft.method={method} trains them'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_the_merged_model_is_the_dequantized_base_plus_the_update():
+  _, adapted, state, frozen, _ = _setup('int8')
+  params = paths.join(state['trainable'], frozen)
+  merged = paths.flatten(hf_format.merged_params(adapted, params, method='lora'))
+  q = paths.flatten(frozen)['layers_0/mlp/down_proj/kernel']  # not a LoRA target: base alone
+  np.testing.assert_array_equal(merged['layers_0/mlp/down_proj/kernel'], qwix.dequantize(q))
