@@ -170,7 +170,7 @@ def adapt(model, cfg, dora: bool = False) -> base.Adapted:
 
   new = {}
   for module, r in ranks.items():
-    kernel = np.asarray(flat[f'{module}/kernel'])
+    kernel = flat[f'{module}/kernel']  # its shape and dtype: abstract params work too
     new[f'{module}/{A}'] = jnp.asarray(_init_a(f'{module}/{A}', kernel, r, opts['init']))
     new[f'{module}/{B}'] = jnp.zeros((r, kernel.shape[-1]), kernel.dtype)
     if dora:

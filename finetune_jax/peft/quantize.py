@@ -44,9 +44,13 @@ def check(cfg) -> None:
 
 
 def quantize_kernel(kernel, mode: str, block: int):
-  """A (in, out) kernel as a QArray: per-output scales over blocks of `block` inputs."""
+  """A (in, out) kernel as a QArray: per-output scales over blocks of `block` inputs. An
+  abstract kernel (jax.ShapeDtypeStruct) gives the abstract QArray, for memory plans."""
   tile = block if kernel.shape[0] % block == 0 else kernel.shape[0]
-  return qwix.quantize(jnp.asarray(kernel), mode, channelwise_axes=(1,), tiled_axes={0: tile})
+  quantize = lambda k: qwix.quantize(k, mode, channelwise_axes=(1,), tiled_axes={0: tile})
+  if isinstance(kernel, jax.ShapeDtypeStruct):
+    return jax.eval_shape(quantize, kernel)
+  return quantize(jnp.asarray(kernel))
 
 
 def is_quantized(value) -> bool:
