@@ -80,7 +80,7 @@ def plan(name: str, layout: str, remat: str, length: int, variant: str) -> dict:
     place = lambda tree: jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=fsdp.sharding(x)), tree)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                        sharding=fsdp._batch), batch)
+                                                        sharding=fsdp.batch_sharding), batch)
     compiled = fsdp.compile_train(step).lower(place(state), place(frozen), batch).compile()
   memory = compiled.memory_analysis()
   gib = lambda b: round(b / 2**30, 2)

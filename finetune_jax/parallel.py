@@ -1,7 +1,7 @@
 """Data parallelism and FSDP over the devices, behind one small interface.
 
-`pmap` (the default) runs one replica of the step per device and averages
-gradients with `lax.pmean`; `jit` compiles one program over a device mesh and
+`pmap` (the default) runs one replica of the step per device and sums
+gradients with `lax.psum` (steps.py divides by the global count); `jit` compiles one program over a device mesh and
 lets XLA insert the reductions; `fsdp` is `jit` over a ('data', 'fsdp') mesh
 with params, gradients and optimizer state sharded along 'fsdp' (each leaf
 along its largest axis that the 'fsdp' size divides) and the batch over both
@@ -132,7 +132,7 @@ class Fsdp:
     self.num_devices = self.mesh.size
     self.fsdp_size = self.mesh.shape['fsdp']
     self._replicated = NamedSharding(self.mesh, P())
-    self._batch = NamedSharding(self.mesh, P(('data', 'fsdp')))
+    self.batch_sharding = NamedSharding(self.mesh, P(('data', 'fsdp')))
 
   def sharding(self, x) -> NamedSharding:
     return NamedSharding(self.mesh, fsdp_spec(np.shape(x), self.fsdp_size))
@@ -154,7 +154,7 @@ class Fsdp:
     return _abstract(tree, self.sharding)
 
   def shard(self, batch):
-    return _global_batch(batch, self._batch)
+    return _global_batch(batch, self.batch_sharding)
 
   def _constrain(self, tree):
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.sharding(x)), tree)

@@ -197,10 +197,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   task = tasks.make_task(config)
   splits = pipelines.open_dataset(config)
   model, adapted = build_model(config)
-  if (config.remat != 'none' and jax.default_backend() == 'cpu'
+  recomputes = config.remat != 'none' or config.peft.quantize_base != 'none'
+  if (recomputes and jax.default_backend() == 'cpu'
       and 'cse_barrier_expander' not in os.environ.get('XLA_FLAGS', '')):
-    logging.warning('remat=%s saves little memory on CPU unless JAX starts with the XLA_FLAGS '
-                    'of finetune_jax.main.REMAT_XLA_FLAGS (the CLI sets them).', config.remat)
+    logging.warning('remat and quantize_base save little memory on CPU unless JAX starts with '
+                    'the XLA_FLAGS of finetune_jax.main.REMAT_XLA_FLAGS (the CLI sets them).')
   pipeline = pipelines.make(config, splits, model,
                             adapted.method.reserved_positions(adapted))
   state, frozen, tx = initial_state(config, model, adapted)

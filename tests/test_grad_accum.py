@@ -65,6 +65,17 @@ def _train(name, strategy, accum, num_steps=3):
   return start, strategy.to_host(state)['trainable'], sums
 
 
+def assert_same_training(run, reference):
+  """(trainable params, per-step metric sums) of two runs agree to float tolerance."""
+  (params, sums), (ref_params, ref_sums) = run, reference
+  for path, value in paths.flatten(ref_params).items():
+    np.testing.assert_allclose(paths.flatten(params)[path], value, rtol=2e-5, atol=2e-6,
+                               err_msg=path)
+  for a, b in zip(sums, ref_sums):
+    assert a['count'] == b['count']
+    np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)
+
+
 @pytest.mark.parametrize('name,make', [
     ('toy_full', lambda: parallel.Pmap(jax.local_devices())),
     ('llama_lora', lambda: parallel.Pmap(jax.local_devices())),
@@ -73,12 +84,7 @@ def _train(name, strategy, accum, num_steps=3):
 def test_four_micro_batches_equal_the_whole_batch(name, make):
   start, whole, whole_sums = _train(name, make(), accum=1)
   _, accumulated, accum_sums = _train(name, make(), accum=4)
-  for path, value in paths.flatten(whole).items():
-    np.testing.assert_allclose(paths.flatten(accumulated)[path], value, rtol=2e-5, atol=2e-6,
-                               err_msg=path)
-  for a, b in zip(accum_sums, whole_sums):
-    assert a['count'] == b['count']
-    np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)
+  assert_same_training((accumulated, accum_sums), (whole, whole_sums))
   # The run moved: equal results are not two copies of the starting params.
   start = paths.flatten(start)
   assert any(not np.allclose(v, start[p]) for p, v in paths.flatten(accumulated).items())

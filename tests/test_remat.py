@@ -68,16 +68,24 @@ def _residual_bytes(loss, trainable) -> int:
   return total
 
 
-@pytest.mark.parametrize('alias,method,remat', [
-    ('llama-tiny', 'lora', 'block'),
-    ('gpt2-tiny', 'full', 'dots_saveable'),
-    ('bert-tiny', 'lora', 'block'),
-    ('vit-tiny', 'full', 'block'),
-    ('resnet-tiny', 'full', 'block'),
-    ('vgg-tiny', 'full', 'block'),
-    ('efficientnet-lite-tiny', 'full', 'block'),
-])
-def test_remat_gives_the_same_gradients_from_fewer_residuals(alias, method, remat):
+FAMILIES = [('llama-tiny', 'lora', 'block'), ('gpt2-tiny', 'full', 'dots_saveable'),
+            ('bert-tiny', 'lora', 'block'), ('vit-tiny', 'full', 'block'),
+            ('resnet-tiny', 'full', 'block'), ('vgg-tiny', 'full', 'block'),
+            ('efficientnet-lite-tiny', 'full', 'block')]
+
+
+@pytest.mark.parametrize('alias,method,remat', FAMILIES)
+def test_every_family_keeps_fewer_residuals_under_remat(alias, method, remat):
+  """Traced, not compiled: each family's blocks build under remat (its static arguments
+  right) and the backward pass keeps under 70% of the residual bytes."""
+  loss, trainable = _loss_fn(alias, method, 'none')
+  loss_r, _ = _loss_fn(alias, method, remat)
+  kept, kept_r = _residual_bytes(loss, trainable), _residual_bytes(loss_r, trainable)
+  assert 0 < kept_r < 0.7 * kept, (kept_r, kept)
+
+
+@pytest.mark.parametrize('alias,method,remat', [FAMILIES[0], FAMILIES[1], FAMILIES[-1]])
+def test_remat_gives_the_same_gradients(alias, method, remat):
   loss, trainable = _loss_fn(alias, method, 'none')
   loss_r, _ = _loss_fn(alias, method, remat)
   value, grads = jax.jit(jax.value_and_grad(loss))(trainable)
@@ -86,8 +94,6 @@ def test_remat_gives_the_same_gradients_from_fewer_residuals(alias, method, rema
   for path, g in paths.flatten(grads).items():
     np.testing.assert_allclose(paths.flatten(grads_r)[path], g, rtol=1e-5, atol=1e-7,
                                err_msg=path)
-  kept, kept_r = _residual_bytes(loss, trainable), _residual_bytes(loss_r, trainable)
-  assert 0 < kept_r < 0.7 * kept, (kept_r, kept)
 
 
 def test_unknown_mode_is_refused():
