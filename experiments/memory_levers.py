@@ -4,7 +4,8 @@ Compiles the real train step (as the trainer builds it: PEFT split, optax partit
 params as an argument, donated state) of a zoo model on random tokens or images, once per
 setting, and prints XLA's own figures for each: the compiled program's temp bytes
 (activations and other scratch: what remat and accumulation shrink), its argument bytes
-(params, optimizer state, batch) and the median step time. `--accum_impl multisteps`
+(params, optimizer state, batch), the frozen params as held (`--quantize_base`: QLoRA's
+int8 or nf4 base) and the median step time. `--accum_impl multisteps`
 compares the in-step scan with optax.MultiSteps (k calls of a micro-batch step, the
 gradients summed in the optimizer state).
 
@@ -55,9 +56,9 @@ def _batch_and_task(model, alias, batch, length, rng):
           tasks.ImageClassification(10))
 
 
-def measure(args, remat: str, accum: int, impl: str) -> dict:
+def measure(args, remat: str, accum: int, impl: str, quantize: str = 'none') -> dict:
   c = base_config.get_config()
-  c.peft.method, c.warmup_steps = args.method, 10
+  c.peft.method, c.warmup_steps, c.peft.quantize_base = args.method, 10, quantize
   decoder = args.model.startswith(('smollm', 'llama', 'gpt2'))
   model = models.load_pretrained(args.model, num_classes=None if decoder else 10)
   model = dataclasses.replace(model, module=model.module.clone(remat=remat))
@@ -92,7 +93,8 @@ def measure(args, remat: str, accum: int, impl: str) -> dict:
     times.append(time.perf_counter() - tick)
   return {'model': args.model, 'method': args.method, 'batch': args.batch,
           'length': args.length, 'remat': remat, 'grad_accum_steps': calls * accum,
-          'accum_impl': impl if calls * accum > 1 else '-',
+          'accum_impl': impl if calls * accum > 1 else '-', 'quantize_base': quantize,
+          'frozen_mib': optim.state_bytes(frozen) / 2**20,
           'temp_mib': memory.temp_size_in_bytes / 2**20,
           'argument_mib': memory.argument_size_in_bytes / 2**20,
           'optimizer_state_mib': optim.state_bytes(holder['state']['opt_state']) / 2**20,
@@ -109,6 +111,7 @@ def main():
   parser.add_argument('--remat', default='none,block,dots_saveable')
   parser.add_argument('--accum', default='1', help='grad_accum_steps values, comma-joined')
   parser.add_argument('--accum_impl', default='scan', help='scan and/or multisteps')
+  parser.add_argument('--quantize_base', default='none', help='none, int8 and/or nf4 (QLoRA)')
   parser.add_argument('--steps', type=int, default=3, help='timed updates per setting')
   parser.add_argument('--cpu_scheduler', default='memory', choices=('memory', 'concurrency'),
                       help="XLA:CPU's scheduler (set from sys.argv before JAX starts)")
@@ -118,9 +121,10 @@ def main():
   for remat in args.remat.split(','):
     for accum in map(int, args.accum.split(',')):
       for impl in args.accum_impl.split(',') if accum > 1 else ['scan']:
-        row = measure(args, remat, accum, impl)
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
-                          for k, v in row.items()}), flush=True)
+        for quantize in args.quantize_base.split(','):
+          row = measure(args, remat, accum, impl, quantize)
+          print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                            for k, v in row.items()}), flush=True)
 
 
 if __name__ == '__main__':

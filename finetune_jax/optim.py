@@ -6,6 +6,8 @@ Within that tree, `optax.partition` gives the new head, and the params a PEFT
 method added, their own learning rates.
 """
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from finetune_jax.peft import paths
@@ -92,5 +94,11 @@ def make_optimizer(config, trainable, head: str, added=frozenset(),
   return optax.chain(clip, optax.partition(groups, group_labels(trainable, head, added)))
 
 
-def state_bytes(opt_state) -> int:
-  return sum(x.nbytes for x in jax.tree.leaves(opt_state) if hasattr(x, 'nbytes'))
+def state_bytes(tree) -> int:
+  """Bytes of the arrays in `tree`, 4-bit values (a quantized base) at half a byte each."""
+  def size(x):
+    dtype = x.dtype
+    bits = (jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer)
+            else 8 * np.dtype(dtype).itemsize)
+    return x.size * bits // 8
+  return sum(size(x) for x in jax.tree.leaves(tree) if hasattr(x, 'dtype'))

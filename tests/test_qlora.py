@@ -11,6 +11,7 @@ import qwix
 from finetune_jax import base_config
 from finetune_jax import errors
 from finetune_jax import models
+from finetune_jax import optim
 from finetune_jax import peft
 from finetune_jax import steps
 from finetune_jax import tasks
@@ -52,16 +53,16 @@ def _losses(mode, method='lora', num_steps=5):
   return losses, state
 
 
-@pytest.mark.parametrize('mode,qtype', [('int8', 'int8'), ('nf4', 'uint4')])
-def test_frozen_dense_kernels_are_held_quantized(mode, qtype):
+@pytest.mark.parametrize('mode,qtype,ratio', [('int8', 'int8', 3.5), ('nf4', 'uint4', 6.0)])
+def test_frozen_dense_kernels_are_held_quantized(mode, qtype, ratio):
   _, adapted, state, frozen, _ = _setup(mode)
   kernels = {p: v for p, v in paths.flatten(frozen).items() if p.endswith('_proj/kernel')}
   assert kernels and all(isinstance(v, qwix.QArray) for v in kernels.values())
   assert {str(v.qvalue.dtype) for v in kernels.values()} == {qtype}
   assert all(v.dtype == np.float32 for v in jax.tree.leaves(state['trainable']))
   float_bytes = sum(4 * np.prod(v.qvalue.shape) for v in kernels.values())
-  held = sum(x.nbytes for x in jax.tree.leaves(kernels))
-  assert float_bytes >= 3 * held, (float_bytes, held)
+  held = optim.state_bytes(kernels)  # 4-bit values at half a byte, as XLA holds them
+  assert float_bytes >= ratio * held, (float_bytes, held)
 
 
 @pytest.mark.parametrize('mode,method,rtol', [('int8', 'lora', 1e-3), ('nf4', 'lora', 1e-2),
