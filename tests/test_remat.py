@@ -84,7 +84,7 @@ def test_every_family_keeps_fewer_residuals_under_remat(alias, method, remat):
   assert 0 < kept_r < 0.7 * kept, (kept_r, kept)
 
 
-@pytest.mark.parametrize('alias,method,remat', [FAMILIES[0], FAMILIES[1], FAMILIES[-1]])
+@pytest.mark.parametrize('alias,method,remat', [FAMILIES[0], FAMILIES[-1]])
 def test_remat_gives_the_same_gradients(alias, method, remat):
   loss, trainable = _loss_fn(alias, method, 'none')
   loss_r, _ = _loss_fn(alias, method, remat)
