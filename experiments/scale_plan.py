@@ -88,7 +88,8 @@ def plan(name: str, layout: str, remat: str, length: int, variant: str) -> dict:
           'arguments_gib': gib(memory.argument_size_in_bytes),
           'temp_gib': gib(memory.temp_size_in_bytes),
           'per_device_gib': gib(memory.argument_size_in_bytes + memory.temp_size_in_bytes),
-          'trainable_params': paths.count(trainable), 'compile_s': round(time.perf_counter() - tick)}
+          'trainable_params': paths.count(trainable),
+          'compile_s': round(time.perf_counter() - tick)}
 
 
 def main():
@@ -98,7 +99,8 @@ def main():
   parser.add_argument('--layouts', default='pmap,fsdp')
   parser.add_argument('--remat', default='none,block')
   parser.add_argument('--length', type=int, default=1024)
-  parser.add_argument('--variant', default='llama2-7b', help="a Llama VARIANTS key ('tiny': a quick check)")
+  parser.add_argument('--variant', default='llama2-7b',
+                      help="a Llama VARIANTS key ('tiny': a quick check)")
   args = parser.parse_args()
   for name in args.methods.split(','):
     for layout in args.layouts.split(','):

@@ -49,7 +49,7 @@ def settings(config) -> dict | None:
 def check(config) -> None:
   """One ConfigError for a distributed setting that cannot work, before anything starts."""
   found = settings(config)
-  if found is None or not found:
+  if not found:  # one process, or a cluster whose settings JAX reads itself
     return
   if not found['coordinator_address']:
     raise errors.ConfigError('distributed.coordinator', 'A run of several processes needs the '

@@ -1,11 +1,11 @@
 """Data parallelism and FSDP over the devices, behind one small interface.
 
 `pmap` (the default) runs one replica of the step per device and sums
-gradients with `lax.psum` (steps.py divides by the global count); `jit` compiles one program over a device mesh and
-lets XLA insert the reductions; `fsdp` is `jit` over a ('data', 'fsdp') mesh
-with params, gradients and optimizer state sharded along 'fsdp' (each leaf
-along its largest axis that the 'fsdp' size divides) and the batch over both
-axes. All split the global batch over devices, so the step function sees a
+gradients with `lax.psum` (steps.py divides by the global count); `jit`
+compiles one program over a device mesh and lets XLA insert the reductions;
+`fsdp` is `jit` over a ('data', 'fsdp') mesh with params, gradients and
+optimizer state sharded along 'fsdp' (each leaf along its largest axis that
+the 'fsdp' size divides) and the batch over both axes. All split the global batch over devices, so the step function sees a
 per-device batch under pmap and the global batch otherwise; it reduces with
 `axis_name` when one is given.
 

@@ -50,7 +50,8 @@ from finetune_jax.data.text import prepare_tokenized
 from finetune_jax.data.text import text_batches
 from finetune_jax.data.text import text_eval_batches
 
-__all__ = ['DATASETS', 'Split', 'Subset', 'carve', 'load_split', 'train_batches', 'eval_batches', 'local_rows',
+__all__ = ['DATASETS', 'Split', 'Subset', 'carve', 'load_split', 'train_batches', 'eval_batches',
+           'local_rows',
            'prepare', 'make_image_transform', 'TextSplit', 'load_text_split',
            'prepare_tokenized', 'check_lengths', 'bucket_lengths',
            'text_batches', 'text_eval_batches', 'packed_lm_batches',
