@@ -25,8 +25,9 @@ install: .venv/.installed
 demo: install
 	$(PY) -m finetune_jax.main --config configs/default.py --workdir runs/default
 
+# Two workers (pytest-xdist), each whole test file on one of them: module fixtures run once.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean-runs:
 	rm -rf runs

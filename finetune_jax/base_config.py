@@ -232,6 +232,12 @@ def get_config() -> ml_collections.ConfigDict:
   # float32 | bfloat16 (compute in bf16; params, gradients, optimizer state in f32) | auto (bf16
   # on GPU/TPU, float32 on CPU, where XLA runs bf16 slower).
   c.precision = 'auto'
+  # After a step with a non-finite loss or gradient (whose update is never applied): stop (an
+  # error naming the step and parameter; the last checkpoint stays good) | skip (count it, go
+  # on). README, Reliability.
+  c.nonfinite = 'stop'
+  # skip: this many non-finite steps in a row stop the run.
+  c.nonfinite_max_skips = 10
   # Global; split over the devices.
   c.eval_batch_size = 256
   # Steps between evaluations on the full eval split (and one at the end).

@@ -20,7 +20,9 @@ def nearest(pattern: str, names: Sequence[str], n: int = 8) -> list[str]:
 class ConfigError(ValueError):
   """A config field holds a value this run cannot use. option: its dotted name."""
 
-  def __init__(self, option: str, message: str):
+  def __init__(self, option: str, message: str | None = None):
+    if message is None:  # one argument, as libraries re-raise an error: its message
+      option, message = None, option
     super().__init__(message)
     self.option = option
 
@@ -57,3 +59,12 @@ class NotApplicable(ConfigError):
   def __init__(self, method: str, architecture: str, message: str):
     super().__init__('peft.method', message)
     self.method, self.architecture = method, architecture
+
+
+class NonFiniteError(ValueError):
+  """Training met a non-finite loss or gradient and the `nonfinite` policy stops the run.
+  step: the step; param: the first parameter whose gradient was not finite (None: the loss)."""
+
+  def __init__(self, step: int, param: str | None, message: str):
+    super().__init__(message)
+    self.step, self.param = step, param

@@ -193,9 +193,17 @@ def _build(directory: str, compute, batches, key: dict) -> None:
   np.save(os.path.join(tmp, 'label.npy'), np.concatenate(labels))
   with open(os.path.join(tmp, 'key.json'), 'w') as f:
     json.dump(key, f, indent=1, sort_keys=True, default=str)
-  shutil.rmtree(directory, ignore_errors=True)
   os.makedirs(os.path.dirname(directory), exist_ok=True)
-  os.replace(tmp, directory)
+  if _load(directory) is None and os.path.exists(directory):  # stale: out of the way first
+    stale = f'{directory}.stale{os.getpid()}'
+    os.replace(directory, stale)
+    shutil.rmtree(stale)
+  try:
+    os.replace(tmp, directory)
+  except OSError:  # another run (a sweep's) wrote the same cache meanwhile: keep theirs
+    if _load(directory) is None:
+      raise
+    shutil.rmtree(tmp)
 
 
 def _load(directory: str) -> _Cached | None:

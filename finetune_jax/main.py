@@ -9,6 +9,8 @@ checkpoint, or ends at once if the run had finished.
 import json
 import logging as std_logging
 import os
+import shlex
+import sys
 
 from absl import app
 from absl import flags
@@ -68,6 +70,11 @@ def main(argv):
   use_compilation_cache(FLAGS.config.compilation_cache_dir)
   logging.info('JAX devices: %s', jax.local_devices())
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if 'preempted_at' in results:
+    print(f'Stopped at step {results["preempted_at"]} with a checkpoint saved. To resume, run the '
+          f'same command again: python -m finetune_jax.main {shlex.join(sys.argv[1:])}',
+          file=sys.stderr)
+    sys.exit(results['exit_code'])
   print(json.dumps({'final': results['final'], 'steps': results['steps'],
                     'wall_s': round(results['wall_s'], 1)}))
 

@@ -13,6 +13,11 @@ import optax
 from finetune_jax.peft import paths
 
 
+# The names `optimizer.name` and `schedule` take.
+OPTIMIZERS = ('adamw', 'sgd')
+SCHEDULES = ('cosine', 'linear', 'constant')
+
+
 def schedule(config, peak: float, hold: int = 0) -> optax.Schedule:
   """Linear warmup to `peak`, then cosine or linear decay to zero by total_steps; with
   `hold`, all of it after `hold` steps at 0 (the body during lp_ft's probe)."""

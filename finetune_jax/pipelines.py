@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from finetune_jax import data
+from finetune_jax import errors
 
 
 @dataclasses.dataclass
@@ -47,13 +48,27 @@ def open_dataset(config) -> dict:
   if config.task == 'image_classification':  # text splits are carved once tokenized
     splits.update(carve(config, splits['train']))
   classes = splits['train'].num_classes
-  if config.task == 'causal_lm':
-    if 'text' not in splits['train'].source[0]:
-      raise ValueError(f'Dataset {config.dataset!r} has no text field for causal_lm.')
-  elif classes is not None and classes != config.num_classes:
+  _check_fields(config, splits['train'])
+  if config.task != 'causal_lm' and classes is not None and classes != config.num_classes:
     raise ValueError(f'num_classes={config.num_classes} but dataset {config.dataset!r} '
                      f'has {classes} classes; set --config.num_classes.')
   return splits
+
+
+def _check_fields(config, train) -> None:
+  """The field the task reads is there, in the type it reads."""
+  if not train.num_examples:
+    raise errors.DataError(f'Dataset {config.dataset!r} has no training examples.')
+  field = 'image' if config.task == 'image_classification' else 'text'
+  example = train.source[0]
+  if field not in example:
+    raise errors.DataError(
+        f'Dataset {config.dataset!r} has no {field!r} field (it has {sorted(example)}), which '
+        f'task={config.task} reads; choose a dataset of {field}s or another task.')
+  if field == 'text' and not isinstance(example['text'], (str, bytes)):
+    raise errors.DataError(
+        f'Dataset {config.dataset!r}: its text field holds {type(example["text"]).__name__}, '
+        'not text; store strings.')
 
 
 def extra_evals(config) -> list[tuple[str, str, str]]:

@@ -50,9 +50,14 @@ def micro_batches(batch, k: int):
 
 
 def make_train_step(module, inputs, task, tx, axis_name, compute_dtype=jnp.float32,
-                    only=None, grad_accum_steps: int = 1):
+                    only=None, grad_accum_steps: int = 1, skip_nonfinite: bool = False):
   """`only` (a set of trainable paths): differentiate those alone, the rest of the
-  trainable tree held fixed with zero gradients (lp_ft's probe: the head)."""
+  trainable tree held fixed with zero gradients (lp_ft's probe: the head).
+
+  The step's metrics carry `nonfinite` (1.0 where the loss or a gradient was not finite)
+  and `nonfinite_leaf` (the first such gradient's index in jax.tree.leaves order; -1: none).
+  With `skip_nonfinite` such a step leaves params and optimizer state as they were.
+  """
   forward = _forward(module, inputs, compute_dtype)
 
   def train_step(state, frozen, batch):
@@ -81,10 +86,26 @@ def make_train_step(module, inputs, task, tx, axis_name, compute_dtype=jnp.float
     grads = jax.tree.map(lambda g: g / count, grad_sum)
     if only is not None:  # the held params' rate is 0 in this phase: zeros change nothing
       grads = paths.join(grads, jax.tree.map(jnp.zeros_like, held))
-    updates, opt_state = tx.update(grads, state['opt_state'], state['trainable'])
+    # Flags for the host's `nonfinite` policy (nonfinite.py), read with the metrics.
+    leaf_finite = jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)])
+    finite = jnp.isfinite(metrics['loss']) & leaf_finite.all()
+
+    def update(_):
+      updates, opt_state = tx.update(grads, state['opt_state'], state['trainable'])
+      return optax.apply_updates(state['trainable'], updates), opt_state
+
+    if skip_nonfinite:  # no update at all; the step still advances
+      # Every gradient is then held until all are known to be finite: the barrier that
+      # grad_clip_norm's global norm already sets, but without clipping it costs memory.
+      trainable, opt_state = jax.lax.cond(
+          finite, update, lambda _: (state['trainable'], state['opt_state']), None)
+    else:
+      trainable, opt_state = update(None)
+    metrics = {**metrics, 'nonfinite': 1.0 - finite.astype(jnp.float32),
+               # Index into jax.tree.leaves(trainable) of the first non-finite gradient; -1: none.
+               'nonfinite_leaf': jnp.where(leaf_finite.all(), -1, jnp.argmin(leaf_finite))}
     new_state = {'step': state['step'] + 1, 'rng': state['rng'],
-                 'trainable': optax.apply_updates(state['trainable'], updates),
-                 'opt_state': opt_state}
+                 'trainable': trainable, 'opt_state': opt_state}
     return new_state, metrics
   return train_step
 

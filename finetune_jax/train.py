@@ -21,14 +21,17 @@ from finetune_jax import config_checks
 from finetune_jax import distributed
 from finetune_jax import drift as feature_drift
 from finetune_jax import errors
+from finetune_jax import failpoints
 from finetune_jax import feature_cache
 from finetune_jax import models
+from finetune_jax import nonfinite
 from finetune_jax import optim
 from finetune_jax import parallel
 from finetune_jax import peft
 from finetune_jax import pipelines
 from finetune_jax import precision
 from finetune_jax import sampling
+from finetune_jax import signals
 from finetune_jax import steps
 from finetune_jax import tasks
 from finetune_jax import workdir as workdir_lib
@@ -103,9 +106,10 @@ def _host_sum(device_metrics: list, strategy, per_device: bool = False) -> dict:
 MAX_IN_FLIGHT = 8
 
 
-def evaluate(eval_step, state, frozen, pipeline, task, strategy) -> dict:
+def evaluate(eval_step, state, frozen, pipeline, task, strategy,
+             interrupted=lambda: False) -> dict | None:
   """The eval split's metrics (eval_*), the validation split's (val_*) where held out, and
-  each extra eval's (<name>_*)."""
+  each extra eval's (<name>_*); None if `interrupted()` turns true on the way."""
   passes = {'val_': pipeline.validation, 'eval_': pipeline.eval,
             **{f'{name}_': batches for name, batches in pipeline.extra.items()}}
   metrics = {}
@@ -114,6 +118,9 @@ def evaluate(eval_step, state, frozen, pipeline, task, strategy) -> dict:
       continue
     sums = []
     for batch in batches():
+      failpoints.hit('eval_batch')
+      if interrupted():
+        return None
       sums.append(eval_step(state['trainable'], frozen, strategy.shard(batch)))
       if len(sums) % MAX_IN_FLIGHT == 0:
         jax.block_until_ready(sums[-1])
@@ -193,6 +200,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   distributed.check(config)
   strategy = parallel.make(config.parallel, tuple(config.mesh.values()))
   config_checks.validate(config, strategy.num_devices)
+  workdir_lib.check_usable(workdir)
   workdir_lib.check_compatible(workdir, config)
   task = tasks.make_task(config)
   splits = pipelines.open_dataset(config)
@@ -212,9 +220,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)
   best_ckpt = (checkpoint.Checkpointer(workdir, 1, best=tasks.selection_metric(config.task))
                if config.keep_best else None)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(strategy.restore_target(state))
+  had_checkpoints = ckpt.latest_step() is not None
+  restored = ckpt.restore_newest_good(strategy.restore_target(state)) if had_checkpoints else None
+  if restored is not None:
+    state = restored
     logging.info('Resumed from step %d of %s.', state['step'], ckpt.directory)
+  elif had_checkpoints:
+    logging.warning('No good checkpoint is left in %s (see the warnings above): starting over '
+                    'from step 0.', ckpt.directory)
   start_step = int(state['step'])
   results = workdir_lib.read_results(workdir)
   if start_step >= config.total_steps and results and results['steps'] >= start_step:
@@ -240,16 +253,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   axis = strategy.axis_name
   logging.info('Computing in %s (precision=%s).', jax.numpy.dtype(dtype).name,
                config.precision)
-  accum = config.grad_accum_steps
+  accum, skip = config.grad_accum_steps, config.nonfinite == 'skip'
   train_step = strategy.compile_train(
       steps.make_train_step(module, pipeline.inputs, task, tx, axis, dtype,
-                            grad_accum_steps=accum))
+                            grad_accum_steps=accum, skip_nonfinite=skip))
   probe_steps = adapted.method.probe_steps
   if probe_steps:  # lp_ft: the head alone first; no gradient for the rest
     head = {p for p in paths.flatten(state['trainable']) if p.startswith(model.head + '/')}
     probe_step = strategy.compile_train(
         steps.make_train_step(module, pipeline.inputs, task, tx, axis, dtype, only=head,
-                              grad_accum_steps=accum))
+                              grad_accum_steps=accum, skip_nonfinite=skip))
     logging.info('lp_ft: steps 1-%d train the head alone, then %s trains.', probe_steps,
                  config.peft.lp_ft.body)
   eval_step = strategy.compile_eval(
@@ -260,9 +273,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   lr_schedule = optim.schedule(config, config.learning_rate)
 
   writer = workdir_lib.MetricWriter(workdir, start_step)
+  watch = nonfinite.NonFiniteWatch(config, state['trainable'], skipped_before=sum(
+      e.get('train_nonfinite_skips', 0) for e in workdir_lib.read_events(workdir, 'train')))
+  stop = signals.StopRequest(enabled=jax.process_count() == 1)
 
   def run_eval(step):
-    metrics = evaluate(eval_step, state, frozen, pipeline, task, strategy)
+    metrics = evaluate(eval_step, state, frozen, pipeline, task, strategy,
+                       interrupted=lambda: stop.requested)
+    if metrics is None:  # a stop request: the resumed run evaluates this step (below)
+      return {}
     writer.write(step, 'eval', metrics)
     if best_ckpt:  # orbax keeps it only while it is the best
       best_ckpt.save(step, strategy.checkpointable(state), metrics=metrics)
@@ -275,53 +294,69 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info('step %d sample: %r -> %r', step, sample['prompt'], sample['text'])
     return metrics
 
-  if start_step == 0 and config.eval_before_training:
-    run_eval(0)
-  batches = pipeline.train(start_step)
+  def is_eval_step(step):
+    return step % config.eval_every == 0 or step == config.total_steps
+
   progress = _Progress(config.total_steps, start_step)
   pending, eval_metrics = [], {}
   timer = _StepTimer()
-  for step in range(start_step + 1, config.total_steps + 1):
-    step_fn = probe_step if step <= probe_steps else train_step
-    state, metrics = step_fn(state, frozen, strategy.shard(next(batches)))
-    if step == start_step + 1:  # The first step compiles: time the rest.
-      timer.start(state)
-    pending.append(metrics)
-    if step % MAX_IN_FLIGHT == 0:
-      jax.block_until_ready(metrics)
-    logged = None
-    if step % config.log_every == 0 or step == config.total_steps:
-      logged = task.finalize(_host_sum(pending, strategy), prefix='train_')
-      logged['learning_rate'] = float(lr_schedule(step - 1))
-      writer.write(step, 'train', logged)
-      pending = []
-    if step % config.eval_every == 0 or step == config.total_steps:
-      with timer.paused(state):
-        eval_metrics = run_eval(step)
-    preempted = ckpt.reached_preemption(step)
-    if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
-      with timer.paused(state):
-        ckpt.save(step, strategy.checkpointable(state))
-    progress.update(step, logged)
-    if preempted:  # every process saved this step; the same command resumes from it
-      logging.warning('Preempted at step %d: checkpoint saved, run again to resume.', step)
-      progress.close()
-      for manager in filter(None, (ckpt, best_ckpt)):
-        manager.close()
-      writer.close()
-      return {'preempted_at': step, 'steps': config.total_steps, 'final': eval_metrics,
-              'wall_s': time.time() - start_time}
+  preempted = None
+  with stop, contextlib.ExitStack() as closing:
+    # However the loop ends, the checkpoint writes in flight finish and the metrics flush.
+    closing.callback(writer.close)
+    closing.callback(progress.close)
+    for manager in filter(None, (best_ckpt, ckpt)):
+      closing.callback(manager.close)
+    if start_step == 0 and config.eval_before_training:
+      run_eval(0)
+    elif (0 < start_step and is_eval_step(start_step)
+          and workdir_lib.read_event(workdir, start_step, 'eval') is None):
+      # The run stopped during this step's eval, after its checkpoint was saved.
+      eval_metrics = run_eval(start_step)
+    batches = pipeline.train(start_step)
+    for step in range(start_step + 1, config.total_steps + 1):
+      step_fn = probe_step if step <= probe_steps else train_step
+      state, metrics = step_fn(state, frozen, strategy.shard(next(batches)))
+      watch.add(step, metrics)
+      if step == start_step + 1:  # The first step compiles: time the rest.
+        timer.start(state)
+      pending.append(metrics)
+      if step % MAX_IN_FLIGHT == 0:
+        jax.block_until_ready(metrics)
+      logged = None
+      if step % config.log_every == 0 or step == config.total_steps:
+        logged = task.finalize(_host_sum(pending, strategy), prefix='train_')
+        logged['learning_rate'] = float(lr_schedule(step - 1))
+        skips = watch.check(strategy)
+        if config.nonfinite == 'skip':
+          logged['train_nonfinite_skips'] = skips
+        writer.write(step, 'train', logged)
+        pending = []
+      if is_eval_step(step) and not stop.requested:
+        watch.check(strategy)  # keep_best may save at the eval
+        with timer.paused(state):
+          eval_metrics = run_eval(step)
+      if stop.requested or ckpt.reached_preemption(step):
+        preempted = step
+      if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
+        watch.check(strategy)  # never a checkpoint after a non-finite step under `stop`
+        with timer.paused(state):
+          ckpt.save(step, strategy.checkpointable(state))
+      progress.update(step, logged)
+      if preempted:
+        break
+  if preempted:  # every process saved this step; the same command resumes from it
+    logging.warning('Stopped at step %d: checkpoint saved; run the same command to resume.',
+                    preempted)
+    return {'preempted_at': preempted, 'exit_code': stop.exit_code, 'steps': config.total_steps,
+            'final': eval_metrics, 'wall_s': time.time() - start_time}
   examples_per_sec = timer.rate(state, config.batch_size * (config.total_steps - start_step - 1))
-  progress.close()
-  if not eval_metrics:  # Resumed exactly at the end: evaluate what was restored.
-    eval_metrics = evaluate(eval_step, state, frozen, pipeline, task, strategy)
-  ckpt.close()
+  if not eval_metrics:  # Resumed at the end, after the last eval: read it back.
+    eval_metrics = workdir_lib.read_event(workdir, config.total_steps, 'eval')
   best = None
   if best_ckpt:
     step = best_ckpt.best_step()
-    best_ckpt.close()
     best = {'step': step, **(workdir_lib.read_event(workdir, step, 'eval') or {})}
-  writer.close()
 
   drift = None
   if config.feature_drift_examples and config.task in tasks.CLASSIFICATION and model.head:
@@ -342,6 +377,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
              'train_examples_per_sec': examples_per_sec,
              'feature_cache': cache.report(),
              'peak_memory_bytes': peak_memory_bytes(),
+             'nonfinite_skips': watch.skipped,
              'wall_s': time.time() - start_time, **report}
   workdir_lib.write_results(workdir, results)
   return results

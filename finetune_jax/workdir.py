@@ -11,6 +11,8 @@ import tensorboardX
 
 from finetune_jax import base_config
 from finetune_jax import distributed
+from finetune_jax import errors
+from finetune_jax import failpoints
 from finetune_jax import peft
 
 # Keys that fix the model, method, data or shapes of a run. Changing one
@@ -52,6 +54,22 @@ def _leaves(key: str, value, skip=frozenset()) -> dict:
 
 def _json_roundtrip(value):
   return json.loads(json.dumps(value))
+
+
+def check_usable(workdir: str) -> None:
+  """Raises if `workdir` is a file, or cannot be created where it is named."""
+  if os.path.exists(workdir):
+    if not os.path.isdir(workdir):
+      raise errors.ConfigError('workdir', f'--workdir={workdir} is a file; name a directory '
+                               '(a new one, or a run to resume).')
+    return
+  ancestor = os.path.dirname(os.path.abspath(workdir))
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+    why = 'is a file' if not os.path.isdir(ancestor) else 'is not writable'
+    raise errors.ConfigError('workdir', f'--workdir={workdir} cannot be created: {ancestor} '
+                             f'{why}. Choose another path.')
 
 
 def check_compatible(workdir: str, config) -> None:
@@ -100,18 +118,22 @@ def read_results(workdir: str):
 
 
 def write_results(workdir: str, results: dict) -> None:
+  """Written whole or not at all (a kill mid-write leaves the old file, or none)."""
   if not distributed.is_writer():
     return
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+  path = os.path.join(workdir, 'results.json')
+  with open(path + '.tmp', 'w') as f:
     json.dump(results, f, indent=2, sort_keys=True)
+  os.replace(path + '.tmp', path)
 
 
 class MetricWriter:
   """Appends events to metrics.jsonl and TensorBoard.
 
   On resume, events logged after the restored step by the interrupted run are
-  dropped, so the file reads as one uninterrupted run. In a run of several
-  processes only process 0 writes.
+  dropped (all of them when it starts over from step 0, whose eval runs again), and so is
+  a line cut short by a kill; so the file reads as one uninterrupted run. In a run of
+  several processes only process 0 writes.
   """
 
   def __init__(self, workdir: str, resume_step: int):
@@ -121,7 +143,7 @@ class MetricWriter:
     if not distributed.is_writer():
       return
     for path in (self._path, self._samples_path):
-      _drop_after(path, resume_step)
+      _drop_after(path, resume_step if resume_step > 0 else -1)
     self._tb = tensorboardX.SummaryWriter(workdir)
 
   def write(self, step: int, split: str, metrics: dict) -> None:
@@ -144,29 +166,48 @@ class MetricWriter:
       self._tb.close()
 
 
+def read_events(workdir: str, split: str) -> list[dict]:
+  """The events of `split` in metrics.jsonl, in order."""
+  return [e for e in _events(os.path.join(workdir, 'metrics.jsonl')) if e['split'] == split]
+
+
 def read_event(workdir: str, step: int, split: str) -> dict | None:
   """The metrics logged for (step, split), without the bookkeeping keys."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    for line in f:
-      event = json.loads(line) if line.strip() else {}
-      if event.get('step') == step and event.get('split') == split:
-        return {k: v for k, v in event.items() if k not in ('step', 'split')}
+  for event in read_events(workdir, split):
+    if event['step'] == step:
+      return {k: v for k, v in event.items() if k not in ('step', 'split')}
   return None
 
 
+def _events(path: str) -> list[dict]:
+  """The whole lines of a jsonl file as dicts (a kill can cut the last one short)."""
+  if not os.path.exists(path):
+    return []
+  events = []
+  with open(path) as f:
+    for line in f:
+      try:
+        events.append(json.loads(line))
+      except ValueError:
+        continue
+  return events
+
+
 def _append(path: str, event: dict) -> None:
+  line = json.dumps(event) + '\n'
   with open(path, 'a') as f:
-    f.write(json.dumps(event) + '\n')
+    if failpoints.armed('metrics_line'):  # a kill cuts this line short
+      f.write(line[:len(line) // 2])
+      f.flush()
+    failpoints.hit('metrics_line')
+    f.write(line)
 
 
 def _drop_after(path: str, step: int) -> None:
   """Keeps the events of steps <= `step` (what a resumed run continues from)."""
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-  with open(path, 'w') as f:
+  kept = [json.dumps(e) + '\n' for e in _events(path) if e['step'] <= step]
+  with open(path + '.tmp', 'w') as f:
     f.writelines(kept)
+  os.replace(path + '.tmp', path)

@@ -420,7 +420,8 @@ def test_pipeline_reads_a_batch_at_once():
   """One `__getitems__` per batch: array_record's fast path."""
   source = CountingSource(12)
   list(data.eval_batches(data.Split(source, 12, None, None), batch_size=5))
-  assert source.reads == [5, 5, 2]
+  # grain's read threads may finish batches out of order.
+  assert sorted(source.reads) == [2, 5, 5]
   source = CountingSource(12)
   take(data.train_batches(data.Split(source, 12, None, None), batch_size=4,
                           seed=0), 3)

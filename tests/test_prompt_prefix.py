@@ -1,5 +1,6 @@
 """Prompt and prefix tuning: what the model sees, training invariants, counts, HF PEFT parity."""
 import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 
@@ -115,17 +116,18 @@ def test_cached_generation_sees_what_training_saw(zoo, alias, key):
   adapted = adapt(model, key)
   params = perturb(adapted.params)
   ids = np.array([[5, 6, 7, 8]], np.int32)
-  uncached = adapted.module.apply({'params': params}, ids)['logits']
+  apply = jax.jit(adapted.module.apply)  # one program per shape, not one per operation
+  uncached = apply({'params': params}, ids)['logits']
   cache = adapted.module.init_cache(params, 1, 8)
   mask = np.zeros((1, 8), np.int32)
   mask[:, :4] = 1
-  cached = adapted.module.apply({'params': params}, ids, mask, cache=cache)['logits']
+  cached = apply({'params': params}, ids, mask, cache=cache)['logits']
   np.testing.assert_allclose(cached, uncached, rtol=1e-5, atol=1e-5)
   tokens = sampling.generate(adapted.module, params, model.config, ids, max_new_tokens=3,
                              eos_token_id=-1)
   seq = ids
   for _ in range(3):  # the same tokens one uncached forward pass at a time
-    step = adapted.module.apply({'params': params}, seq)['logits'][:, -1].argmax(-1)
+    step = apply({'params': params}, seq)['logits'][:, -1].argmax(-1)
     seq = np.concatenate([seq, np.asarray(step, np.int32)[:, None]], 1)
   np.testing.assert_array_equal(np.asarray(tokens), seq[:, 4:])
 

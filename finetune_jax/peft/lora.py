@@ -171,8 +171,9 @@ def adapt(model, cfg, dora: bool = False) -> base.Adapted:
   new = {}
   for module, r in ranks.items():
     kernel = flat[f'{module}/kernel']  # its shape and dtype: abstract params work too
-    new[f'{module}/{A}'] = jnp.asarray(_init_a(f'{module}/{A}', kernel, r, opts['init']))
-    new[f'{module}/{B}'] = jnp.zeros((r, kernel.shape[-1]), kernel.dtype)
+    # On the host, as the models' own init (host_init.py): no XLA program at load time.
+    new[f'{module}/{A}'] = _init_a(f'{module}/{A}', kernel, r, opts['init'])
+    new[f'{module}/{B}'] = np.zeros((r, kernel.shape[-1]), kernel.dtype)
     if dora:
       new[f'{module}/{MAGNITUDE}'] = column_norm(kernel).astype(kernel.dtype)
   head = base.head_leaves(model)
@@ -191,6 +192,9 @@ def _options(cfg) -> dict:
   overrides = c.rank_overrides
   overrides = list(overrides.items()) if hasattr(overrides, 'items') else list(overrides)
   problems = []
+  if not all(isinstance(t, str) for t in targets):
+    problems.append(f'peft.lora.targets={c.targets!r} must be role names or regexes (strings), '
+                    "e.g. ('q', 'v')")
   if not isinstance(c.rank, int) or c.rank < 1:
     problems.append(f'peft.lora.rank={c.rank!r} must be a positive integer')
   if not c.alpha > 0:

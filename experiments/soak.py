@@ -1,0 +1,106 @@
+"""Soak: a long CLI run with frequent evals and checkpoints must not leak memory or files.
+
+Runs `python -m finetune_jax.main` for `--steps` steps with eval, checkpoint and log cadences
+of `--every`, and samples the run's resident memory (VmRSS) and its open file descriptors
+each time metrics.jsonl gains a train event. After the first `--warmup` of the steps
+(compiles, caches, the first checkpoint writes), resident memory must stay within
+`--rss_tolerance` of its post-warm-up median and the descriptor count must stay flat.
+
+  python experiments/soak.py --steps 2000 --every 50 --out soak.json
+  python experiments/soak.py --config configs/default.py:smoke ... --steps 200   # (tests)
+
+Prints one row per sample and a JSON summary; exits 1 if a bound is broken.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+
+
+def sample(pid: int) -> tuple[int, int]:
+  """(resident bytes, open file descriptors) of process `pid` (Linux /proc)."""
+  with open(f'/proc/{pid}/status') as f:
+    rss_kib = next(int(line.split()[1]) for line in f if line.startswith('VmRSS:'))
+  return rss_kib * 1024, len(os.listdir(f'/proc/{pid}/fd'))
+
+
+def train_steps_logged(path: str) -> list[int]:
+  try:
+    with open(path) as f:
+      events = [json.loads(line) for line in f if line.endswith('\n')]
+  except FileNotFoundError:
+    return []
+  return [e['step'] for e in events if e['split'] == 'train']
+
+
+def soak(config: str, steps: int, every: int, workdir: str, flags: list[str]) -> list[dict]:
+  """Runs the CLI; one {'step', 'rss_bytes', 'fds'} sample per train event."""
+  command = [sys.executable, '-m', 'finetune_jax.main', f'--config={config}',
+             f'--workdir={workdir}', f'--config.total_steps={steps}',
+             f'--config.eval_every={every}', f'--config.checkpoint_every={every}',
+             f'--config.log_every={every}', *flags]
+  os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
+  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=open(workdir + '.log', 'w'))
+  samples, seen = [], set()
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  while proc.poll() is None:
+    for step in train_steps_logged(metrics):
+      if step not in seen:
+        seen.add(step)
+        try:
+          rss, fds = sample(proc.pid)
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+          break  # the run ended between the event and the sample
+        samples.append({'step': step, 'rss_bytes': rss, 'fds': fds})
+        print(f'step {step:6d}  rss {rss / 2**20:8.1f} MiB  fds {fds}', flush=True)
+    time.sleep(0.02)
+  if proc.returncode:
+    raise SystemExit(f'the run failed (exit {proc.returncode}); see {workdir}.log')
+  return samples
+
+
+def summarise(samples: list[dict], warmup_step: int, rss_tolerance: float) -> dict:
+  after = [s for s in samples if s['step'] > warmup_step]
+  if len(after) < 2:
+    raise SystemExit(f'only {len(after)} samples after warm-up; run more steps.')
+  rss = [s['rss_bytes'] for s in after]
+  fds = [s['fds'] for s in after]
+  median = statistics.median(rss)
+  spread = max(abs(r - median) for r in rss) / median
+  return {'samples_after_warmup': len(after), 'warmup_step': warmup_step,
+          'rss_median_mib': median / 2**20, 'rss_min_mib': min(rss) / 2**20,
+          'rss_max_mib': max(rss) / 2**20, 'rss_max_deviation': spread,
+          'rss_first_last_mib': [rss[0] / 2**20, rss[-1] / 2**20],
+          'fds_min': min(fds), 'fds_max': max(fds),
+          'rss_ok': spread <= rss_tolerance, 'fds_ok': min(fds) == max(fds)}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='configs/default.py')
+  parser.add_argument('--steps', type=int, default=2000)
+  parser.add_argument('--every', type=int, default=50)
+  parser.add_argument('--warmup', type=float, default=0.1, help='fraction of the steps')
+  parser.add_argument('--rss_tolerance', type=float, default=0.05)
+  parser.add_argument('--workdir', default=None, help='default: a new temporary directory')
+  parser.add_argument('--out', default=None, help='also write the samples and summary here')
+  args, flags = parser.parse_known_args()
+  workdir = args.workdir or os.path.join(tempfile.mkdtemp(prefix='soak'), 'run')
+  samples = soak(args.config, args.steps, args.every, workdir, flags)
+  summary = summarise(samples, int(args.steps * args.warmup), args.rss_tolerance)
+  print(json.dumps(summary))
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump({'command': sys.argv, 'samples': samples, 'summary': summary}, f, indent=1)
+  sys.exit(0 if summary['rss_ok'] and summary['fds_ok'] else 1)
+
+
+if __name__ == '__main__':
+  main()
