@@ -1,4 +1,5 @@
-"""Soak: a long CLI run with frequent evals and checkpoints must not leak memory or files.
+"""Soak: a long CLI run with frequent evals and checkpoints must not leak memory or files,
+and a stop signal must end it quickly with a checkpoint.
 
 Runs `python -m finetune_jax.main` for `--steps` steps with eval, checkpoint and log cadences
 of `--every`, and samples the run's resident memory (VmRSS) and its open file descriptors
@@ -8,12 +9,17 @@ each time metrics.jsonl gains a train event. After the first `--warmup` of the s
 
   python experiments/soak.py --steps 2000 --every 50 --out soak.json
   python experiments/soak.py --config configs/default.py:smoke ... --steps 200   # (tests)
+  python experiments/soak.py --steps 400 --stop_at 100
+
+`--stop_at N` sends the run SIGTERM once it has logged step N and reports how long it took to
+save its checkpoint and exit, and the exit status (README, Reliability: within 10 s).
 
 Prints one row per sample and a JSON summary; exits 1 if a bound is broken.
 """
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,8 +45,10 @@ def train_steps_logged(path: str) -> list[int]:
   return [e['step'] for e in events if e['split'] == 'train']
 
 
-def soak(config: str, steps: int, every: int, workdir: str, flags: list[str]) -> list[dict]:
-  """Runs the CLI; one {'step', 'rss_bytes', 'fds'} sample per train event."""
+def soak(config: str, steps: int, every: int, workdir: str, flags: list[str],
+         stop_at: int | None = None) -> tuple[list[dict], dict | None]:
+  """Runs the CLI; one {'step', 'rss_bytes', 'fds'} sample per train event, and with
+  `stop_at` what SIGTERM after that step did."""
   command = [sys.executable, '-m', 'finetune_jax.main', f'--config={config}',
              f'--workdir={workdir}', f'--config.total_steps={steps}',
              f'--config.eval_every={every}', f'--config.checkpoint_every={every}',
@@ -48,7 +56,7 @@ def soak(config: str, steps: int, every: int, workdir: str, flags: list[str]) ->
   os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
   proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=open(workdir + '.log', 'w'))
-  samples, seen = [], set()
+  samples, seen, stop, signalled = [], set(), None, None
   metrics = os.path.join(workdir, 'metrics.jsonl')
   while proc.poll() is None:
     for step in train_steps_logged(metrics):
@@ -60,10 +68,20 @@ def soak(config: str, steps: int, every: int, workdir: str, flags: list[str]) ->
           break  # the run ended between the event and the sample
         samples.append({'step': step, 'rss_bytes': rss, 'fds': fds})
         print(f'step {step:6d}  rss {rss / 2**20:8.1f} MiB  fds {fds}', flush=True)
+        if stop_at is not None and step >= stop_at and signalled is None:
+          proc.send_signal(signal.SIGTERM)
+          signalled = time.monotonic()
     time.sleep(0.02)
-  if proc.returncode:
+  if signalled is not None:
+    with open(workdir + '.log') as f:
+      resume_line = any('To resume, run the same command again' in line for line in f)
+    saved = [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
+    stop = {'signalled_after_step': stop_at, 'exit_status': proc.returncode,
+            'seconds_to_exit': time.monotonic() - signalled, 'checkpoint_step': max(saved),
+            'resume_line': resume_line}
+  elif proc.returncode:
     raise SystemExit(f'the run failed (exit {proc.returncode}); see {workdir}.log')
-  return samples
+  return samples, stop
 
 
 def summarise(samples: list[dict], warmup_step: int, rss_tolerance: float) -> dict:
@@ -91,15 +109,23 @@ def main():
   parser.add_argument('--rss_tolerance', type=float, default=0.05)
   parser.add_argument('--workdir', default=None, help='default: a new temporary directory')
   parser.add_argument('--out', default=None, help='also write the samples and summary here')
+  parser.add_argument('--stop_at', type=int, default=None,
+                      help='send SIGTERM after this step and time the exit')
   args, flags = parser.parse_known_args()
   workdir = args.workdir or os.path.join(tempfile.mkdtemp(prefix='soak'), 'run')
-  samples = soak(args.config, args.steps, args.every, workdir, flags)
-  summary = summarise(samples, int(args.steps * args.warmup), args.rss_tolerance)
-  print(json.dumps(summary))
+  samples, stop = soak(args.config, args.steps, args.every, workdir, flags, args.stop_at)
+  if stop:
+    print(json.dumps(stop))
+    ok = stop['exit_status'] == 128 + signal.SIGTERM and stop['seconds_to_exit'] <= 10
+    summary = {'stop': stop, 'ok': ok}
+  else:
+    summary = summarise(samples, int(args.steps * args.warmup), args.rss_tolerance)
+    ok = summary['rss_ok'] and summary['fds_ok']
+    print(json.dumps(summary))
   if args.out:
     with open(args.out, 'w') as f:
       json.dump({'command': sys.argv, 'samples': samples, 'summary': summary}, f, indent=1)
-  sys.exit(0 if summary['rss_ok'] and summary['fds_ok'] else 1)
+  sys.exit(0 if ok else 1)
 
 
 if __name__ == '__main__':
