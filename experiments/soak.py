@@ -11,6 +11,10 @@ each time metrics.jsonl gains a train event. After the first `--warmup` of the s
   python experiments/soak.py --config configs/default.py:smoke ... --steps 200   # (tests)
   python experiments/soak.py --steps 400 --stop_at 100
 
+Resident memory is polled every 20 ms; each sample keeps the interval's floor and peak. A leak
+raises the floor. The peak swings with what happens to be live when it is polled (an eval's
+batch and XLA's scratch buffers), so the bound is on the floor and the peaks are reported.
+
 `--stop_at N` sends the run SIGTERM once it has logged step N and reports how long it took to
 save its checkpoint and exit, and the exit status (README, Reliability: within 10 s).
 
@@ -58,20 +62,26 @@ def soak(config: str, steps: int, every: int, workdir: str, flags: list[str],
                           stderr=open(workdir + '.log', 'w'))
   samples, seen, stop, signalled = [], set(), None, None
   metrics = os.path.join(workdir, 'metrics.jsonl')
+  low = high = None  # resident bytes polled since the last train event: its floor and peak
   while proc.poll() is None:
+    try:
+      rss, fds = sample(proc.pid)
+    except (FileNotFoundError, ProcessLookupError, StopIteration):
+      break  # the run has ended
+    low, high = min(low or rss, rss), max(high or rss, rss)
     for step in train_steps_logged(metrics):
       if step not in seen:
         seen.add(step)
-        try:
-          rss, fds = sample(proc.pid)
-        except (FileNotFoundError, ProcessLookupError, StopIteration):
-          break  # the run ended between the event and the sample
-        samples.append({'step': step, 'rss_bytes': rss, 'fds': fds})
-        print(f'step {step:6d}  rss {rss / 2**20:8.1f} MiB  fds {fds}', flush=True)
+        samples.append({'step': step, 'rss_bytes': low, 'rss_peak_bytes': high, 'fds': fds})
+        print(f'step {step:6d}  rss floor {low / 2**20:8.1f} MiB  peak {high / 2**20:8.1f} MiB'
+              f'  fds {fds}', flush=True)
+        low = high = None
         if stop_at is not None and step >= stop_at and signalled is None:
           proc.send_signal(signal.SIGTERM)
           signalled = time.monotonic()
+        break
     time.sleep(0.02)
+  proc.wait()
   if signalled is not None:
     with open(workdir + '.log') as f:
       resume_line = any('To resume, run the same command again' in line for line in f)
@@ -89,13 +99,15 @@ def summarise(samples: list[dict], warmup_step: int, rss_tolerance: float) -> di
   if len(after) < 2:
     raise SystemExit(f'only {len(after)} samples after warm-up; run more steps.')
   rss = [s['rss_bytes'] for s in after]
+  peaks = [s['rss_peak_bytes'] for s in after]
   fds = [s['fds'] for s in after]
   median = statistics.median(rss)
   spread = max(abs(r - median) for r in rss) / median
   return {'samples_after_warmup': len(after), 'warmup_step': warmup_step,
-          'rss_median_mib': median / 2**20, 'rss_min_mib': min(rss) / 2**20,
-          'rss_max_mib': max(rss) / 2**20, 'rss_max_deviation': spread,
-          'rss_first_last_mib': [rss[0] / 2**20, rss[-1] / 2**20],
+          'rss_floor_median_mib': median / 2**20, 'rss_floor_min_mib': min(rss) / 2**20,
+          'rss_floor_max_mib': max(rss) / 2**20, 'rss_floor_max_deviation': spread,
+          'rss_floor_first_last_mib': [rss[0] / 2**20, rss[-1] / 2**20],
+          'rss_peak_min_mib': min(peaks) / 2**20, 'rss_peak_max_mib': max(peaks) / 2**20,
           'fds_min': min(fds), 'fds_max': max(fds),
           'rss_ok': spread <= rss_tolerance, 'fds_ok': min(fds) == max(fds)}
 

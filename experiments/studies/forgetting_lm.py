@@ -1,0 +1,36 @@
+r"""Study: does LoRA learn less and forget less (Biderman et al. 2024)? Full against LoRA on
+SmolLM2.
+
+SmolLM2-135M-Instruct (real weights) fine-tuned on the songs and poems of fortunes
+(configs/smollm2_poems.py) fully, and with LoRA (rank 8 on q and v; its usual 10x higher
+rate), reporting the poems' held-out perplexity (what it learned) and Jane Austen's (what it
+kept of its source ability; austen test[:300]) before and after; 3 seeds. Budget for 2 CPU
+cores: rows of 128 tokens, batches of 8, 40 steps, 60 poems held out for validation.
+
+  python -m finetune_jax.sweep --config experiments/studies/forgetting_lm.py \
+      --workdir runs/forgetting_lm --seeds 3
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'configs'))
+import smollm2_poems  # noqa: E402  (configs/smollm2_poems.py)
+
+
+def get_config(arg=None):
+  c = smollm2_poems.get_config(arg)
+  c.text.max_length = 128
+  c.total_steps = 40
+  c.warmup_steps = 5
+  c.eval_every = c.checkpoint_every = 20
+  c.validation_examples = 60.0
+  c.generation.prompts = ()
+  c.extra_evals = (('austen', 'austen', 'test[:300]'),)
+  c.peft.lora.targets = ('q', 'v')
+  return c
+
+
+def get_sweep(arg=None):
+  del arg
+  return [{'peft.method': 'full', 'learning_rate': 1e-4},
+          {'peft.method': 'lora', 'learning_rate': 1e-3}]
