@@ -98,7 +98,14 @@ class Checkpointer:
         try:
           return self.restore(like, step)
         except Exception as e:  # orbax's and tensorstore's errors have no common type
-          why = f'orbax could not read it ({type(e).__name__}: {" ".join(str(e).split())[:300]})'
+          error = f'{type(e).__name__}: {" ".join(str(e).split())[:300]}'
+          if self._has_manifest(step):  # its files are as written: the run changed, not them
+            raise errors.CheckpointError(
+                os.path.join(self.directory, str(step)),
+                f'its files are intact but do not restore into this run\'s state ({error}). '
+                'The code or config changed since it was written: resume with the version '
+                'that wrote it, or use a new --workdir.') from e
+          why = f'orbax could not read it ({error})'
       self._set_aside(str(step), why)
       self._manager.reload()
     return None
@@ -125,6 +132,9 @@ class Checkpointer:
       with open(os.path.join(step_dir, MANIFEST + '.tmp'), 'w') as f:
         json.dump(manifest, f, indent=0, sort_keys=True)
       os.replace(os.path.join(step_dir, MANIFEST + '.tmp'), os.path.join(step_dir, MANIFEST))
+
+  def _has_manifest(self, step: int) -> bool:
+    return os.path.exists(os.path.join(self.directory, str(step), MANIFEST))
 
   def _damage(self, step: int) -> str | None:
     """Why checkpoint `step` is damaged by its manifest, or None (no manifest: a kill came

@@ -93,6 +93,18 @@ def test_a_checkpoint_without_a_manifest_is_left_to_orbax(tmp_path):
   ckpt.close()
 
 
+def test_an_intact_checkpoint_that_no_longer_fits_is_an_error_not_damage(tmp_path):
+  """Files that match their manifest are never set aside: a state of another structure means
+  the code or config changed, which the user must hear about."""
+  _saved(tmp_path, steps=(1,))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3)
+  other = {**_state(0), 'momentum': np.zeros((64, 32), np.float32)}  # another optimizer
+  with pytest.raises(errors.CheckpointError, match='intact but do not restore'):
+    ckpt.restore_newest_good(other)
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
+
+
 def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
     tmp_path, monkeypatch):
   ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=1)
