@@ -221,7 +221,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   best_ckpt = (checkpoint.Checkpointer(workdir, 1, best=tasks.selection_metric(config.task))
                if config.keep_best else None)
   had_checkpoints = ckpt.latest_step() is not None
-  restored = ckpt.restore_newest_good(strategy.restore_target(state)) if had_checkpoints else None
+  restored = ckpt.restore_newest_good(strategy.restore_target(state))
   if restored is not None:
     state = restored
     logging.info('Resumed from step %d of %s.', state['step'], ckpt.directory)
