@@ -60,7 +60,8 @@ def measure(args, remat: str, accum: int, impl: str, quantize: str = 'none') -> 
   c = base_config.get_config()
   c.peft.method, c.warmup_steps, c.peft.quantize_base = args.method, 10, quantize
   decoder = args.model.startswith(('smollm', 'llama', 'gpt2'))
-  model = models.load_pretrained(args.model, num_classes=None if decoder else 10)
+  model = models.load_pretrained(args.model, num_classes=None if decoder else 10,
+                                 keep_quantized=quantize != 'none')  # as the trainer loads
   model = dataclasses.replace(model, module=model.module.clone(remat=remat))
   adapted = peft.adapt(model, c.peft)
   state, frozen, tx = train.initial_state(c, model, adapted)

@@ -163,8 +163,10 @@ def build_model(config, *, missing_adapter_ok: bool = False):
   config.json; there a since-deleted adapter dir is no error
   (`missing_adapter_ok`), as the checkpoint holds the trained values.
   """
+  # A quantized base keeps what the checkpoint already stores quantized (QLoRA on a GGUF).
   model = models.load_pretrained(config.pretrained, num_classes=config.num_classes,
                                  dont_load=tuple(config.dont_load), seed=config.seed,
+                                 keep_quantized=config.peft.quantize_base != 'none',
                                  **model_options(config))
   if config.get('remat', 'none') != 'none':  # before adapt: a method wraps the module
     if not hasattr(model.module, 'remat'):

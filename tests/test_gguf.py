@@ -11,11 +11,15 @@ import importlib.util
 import os
 
 import gguf
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
 from finetune_jax import models
+from finetune_jax import quantized
 from finetune_jax.errors import CheckpointError
 from finetune_jax.formats import gguf as gguf_format
 from finetune_jax.models import tokenization
@@ -236,6 +240,30 @@ def test_dequantised_values_match_independent_decoding(tiny):
     # And close to the floats that were quantised.
     err = np.abs(got - weights[hf])
     assert np.all(err <= error_bound(weights[hf], qtype) + 1e-7), (name, qtype.name, err.max())
+
+
+def test_kept_blocks_dequantize_to_the_floats_read(tiny):
+  """keep_quantized (a quantized base): Linear weights in Q8_0, Q4_0 and Q4_1 keep the
+  file's blocks, Q/K rows un-permuted with their scales, and dequantize to exactly the
+  floats of the ordinary read; everything else is read as floats."""
+  path, _, written, (_, floats, _) = tiny
+  _, kept, _ = gguf_convert.read_llama_gguf(str(path), keep_quantized=True)
+  assert kept.keys() == floats.keys()
+  storage = {Q.Q8_0: np.int8, Q.Q4_0: ml_dtypes.int4, Q.Q4_1: ml_dtypes.uint4}
+  seen = set()
+  for name, (_, qtype) in written.items():
+    hf = TENSORS[name][0]
+    linear = hf.endswith('_proj.weight') or hf == 'lm_head.weight'
+    if linear and qtype in storage:
+      value = kept[hf]
+      assert quantized.is_quantized(value) and value.qvalue.dtype == storage[qtype], name
+      assert isinstance(value, quantized.OffsetQArray) == (qtype == Q.Q4_1), name
+      np.testing.assert_array_equal(
+          quantized.dequantize(jax.tree.map(jnp.asarray, value)), floats[hf], err_msg=name)
+      seen.add((qtype, 'attn_k' in name or 'attn_q' in name))
+    else:
+      np.testing.assert_array_equal(kept[hf], floats[hf], err_msg=name)
+  assert {q for q, _ in seen} == set(storage) and (Q.Q4_1, True) in seen  # a permuted Q4_1 too
 
 
 def test_qk_permutation_undone_exactly(tiny):

@@ -4,20 +4,24 @@ import io
 
 import jax
 from jax import ad_checkpoint
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import qwix
+from gguf import GGMLQuantizationType as Q
 
 from finetune_jax import base_config
 from finetune_jax import errors
 from finetune_jax import models
 from finetune_jax import optim
 from finetune_jax import peft
+from finetune_jax import quantized
 from finetune_jax import steps
 from finetune_jax import tasks
 from finetune_jax import train
 from finetune_jax.peft import hf_format
 from finetune_jax.peft import paths
+import test_gguf
 from test_main import tiny_config
 
 
@@ -28,9 +32,9 @@ def _config(mode, method='lora'):
   return c
 
 
-def _setup(mode, method='lora'):
+def _setup(mode, method='lora', pretrained='llama-tiny'):
   c = _config(mode, method)
-  model = models.load_pretrained('llama-tiny')
+  model = models.load_pretrained(pretrained, keep_quantized=mode != 'none')
   adapted = peft.adapt(model, c.peft)
   state, frozen, tx = train.initial_state(c, model, adapted)
   return model, adapted, state, frozen, tx
@@ -41,8 +45,8 @@ def _batch(i):
   return {'input_ids': ids, 'attention_mask': np.ones_like(ids), 'loss_mask': np.ones_like(ids)}
 
 
-def _losses(mode, method='lora', num_steps=5):
-  _, adapted, state, frozen, tx = _setup(mode, method)
+def _losses(mode, method='lora', num_steps=5, pretrained='llama-tiny'):
+  _, adapted, state, frozen, tx = _setup(mode, method, pretrained)
   step = jax.jit(steps.make_train_step(adapted.module, lambda b: (b['input_ids'],
                                                                    b['attention_mask']),
                                        tasks.CausalLM(), tx, None))
@@ -75,6 +79,28 @@ def test_training_on_the_quantized_base_tracks_the_float_base(mode, method, rtol
   moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state['trainable']),
                                                  jax.tree.leaves(start['trainable']))]
   assert any(moved)
+
+
+def test_a_4bit_gguf_base_trains_on_the_files_own_blocks(tmp_path):
+  """A GGUF whose Linear weights are Q4_1, as SmolLM2's are: nf4 keeps the file's blocks
+  (no float copy, no second rounding), so LoRA trains exactly as on the float read of the
+  same file; int8 quantizes them again, to its own width."""
+  path = str(tmp_path / 'q4_1.gguf')
+  linear = {name: Q.Q4_1 for name, (hf, _) in test_gguf.TENSORS.items()
+            if hf.endswith('_proj.weight') or hf == 'lm_head.weight'}
+  test_gguf.write_gguf(path, test_gguf.hf_weights(), types=linear)
+  model, adapted, _, frozen, _ = _setup('nf4', pretrained=path)
+  loaded = paths.flatten(model.params)
+  kernels = {p: v for p, v in paths.flatten(frozen).items() if p.endswith('/kernel')}
+  assert len(kernels) == len(linear) == 15
+  assert all(isinstance(v, quantized.OffsetQArray) and v.qvalue.dtype == jnp.uint4
+             and v is loaded[p] for p, v in kernels.items())
+  reference, _ = _losses('none', pretrained=path, num_steps=3)
+  losses, _ = _losses('nf4', pretrained=path, num_steps=3)
+  np.testing.assert_allclose(losses, reference, rtol=1e-6)
+  _, _, _, frozen, _ = _setup('int8', pretrained=path)
+  assert all(isinstance(v, qwix.QArray) and v.qvalue.dtype == jnp.int8
+             for p, v in paths.flatten(frozen).items() if p.endswith('/kernel'))
 
 
 def test_the_backward_pass_keeps_no_float_copy_of_a_kernel():

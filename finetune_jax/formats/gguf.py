@@ -10,17 +10,24 @@ architecture's (`models/llama/gguf.py`).
   tests/test_gguf.py checks F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1
   against its own decoding of the block formats; the k-quants (Q2_K..Q6_K,
   what "Q4_K_M" files hold) go through the same package code, untested here.
+- Quantised blocks kept: `quantized` reads Q8_0, Q4_0 and Q4_1 tensors with
+  their blocks as they are (finetune_jax/quantized.py), which dequantise to the
+  same floats: a quantized base (QLoRA) then holds the file's own 4-bit
+  weights, with no float copy and no second rounding.
 - Tokenizer: rebuilt as a `tokenizers.Tokenizer` from the vocabulary in the
   metadata ('gpt2' byte-level BPE with merges, or 'llama' SentencePiece-style
   BPE with scores and byte fallback). The pre-tokenizer regexes are llama.cpp's
   for the file's `tokenizer.ggml.pre` (see `_PRE_TOKENIZER_REGEXES`).
 """
+import math
 import os
 import struct
 import warnings
 
 import gguf
+import ml_dtypes
 import numpy as np
+import qwix
 import tokenizers
 from gguf import GGMLQuantizationType as _Q
 from tokenizers import decoders
@@ -30,6 +37,7 @@ from tokenizers import pre_tokenizers
 from tokenizers import processors
 
 from finetune_jax import errors
+from finetune_jax import quantized as quantized_lib
 
 SUPPORTED_TYPES = (_Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1,
                    _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K)
@@ -185,6 +193,49 @@ def dequantize(tensor, path: str = '<gguf>') -> np.ndarray:
                                  'the file may be corrupt.', key=tensor.name)
   # F32 comes back as a view of the memory-mapped file: own it.
   return np.array(values, dtype=np.float32, copy=True) if qtype == _Q.F32 else values
+
+
+# Block formats kept as they are: (storage dtype, offset of the quants in a block).
+_KEPT_TYPES = {
+    _Q.Q8_0: (np.int8, 2),  # d (f16), 32 int8: d * q
+    _Q.Q4_0: (ml_dtypes.int4, 2),  # d, 16 bytes of nibbles: d * (q - 8)
+    _Q.Q4_1: (ml_dtypes.uint4, 4),  # d, m (f16), nibbles: d * q + m
+}
+
+
+def quantized(tensor, path: str = '<gguf>'):
+  """A Q8_0, Q4_0 or Q4_1 tensor with its blocks kept, in numpy (row-major) order: a
+  `qwix.QArray` (Q8_0, Q4_0) or `quantized.OffsetQArray` (Q4_1) of numpy arrays, one
+  scale (and offset) per block of 32 along a row. It dequantizes to `dequantize(tensor)`
+  up to float32 rounding. None for any other type."""
+  if tensor.tensor_type not in _KEPT_TYPES:
+    return None
+  storage, start = _KEPT_TYPES[tensor.tensor_type]
+  block, size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+  shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+  raw = np.asarray(tensor.data).view(np.uint8).reshape(-1)
+  if raw.size * block != math.prod(shape) * size or shape[-1] % block:
+    raise errors.CheckpointError(path, f'{raw.size} bytes of {tensor.tensor_type.name} blocks '
+                                 f'do not hold shape {shape}; the file may be corrupt.',
+                                 key=tensor.name)
+  blocks = raw.reshape(-1, size)
+  per_block = shape[:-1] + (shape[-1] // block,)
+
+  def half(column):  # an f16 field of every block, as float32 in per-block layout
+    return blocks[:, column:column + 2].copy().view(np.float16).astype(np.float32).reshape(
+        per_block)
+
+  quants = blocks[:, start:]
+  if storage is np.int8:
+    q = quants.view(np.int8)
+  else:  # low nibbles are a block's first 16 values, high nibbles its last 16
+    q = np.concatenate([quants & 0x0F, quants >> 4], axis=1)
+    if tensor.tensor_type == _Q.Q4_0:
+      q = q.astype(np.int8) - 8
+  base = qwix.QArray(qvalue=q.astype(storage).reshape(shape), scale=half(0), qtype=storage)
+  if tensor.tensor_type == _Q.Q4_1:
+    return quantized_lib.OffsetQArray(base, half(2))
+  return base
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from finetune_jax import errors
+from finetune_jax import quantized
 
 
 def template_regex(template: str, sep: str = '.') -> re.Pattern:
@@ -30,7 +31,7 @@ def add_lm_head(flat: dict, weight, *, tied: bool, embedding: str, embedding_key
   if weight is None:
     return
   if not tied:
-    flat['lm_head/kernel'] = np.ascontiguousarray(weight.T)
+    flat['lm_head/kernel'] = quantized.to_numpy(weight.T)
   elif not np.array_equal(weight, flat.get(embedding)):
     raise errors.CheckpointError(
         source, 'the config ties the LM head to the token embedding '
@@ -94,12 +95,13 @@ class ParamCollector:
     self._flat, self._origin, self._unmapped = {}, {}, []
 
   def add(self, ours: str, key: str, value) -> None:
-    """Stores `value` (C-contiguous) at our path `ours`, read from `key`."""
+    """Stores `value` (C-contiguous; a quantized one part by part) at our path `ours`, read
+    from `key`."""
     if ours in self._flat:
       raise errors.CheckpointError(
           self.source, f'it and {self._origin[ours]!r} both map to {ours!r}; {self.mixed}.',
           key=key)
-    self._flat[ours], self._origin[ours] = np.ascontiguousarray(value), key
+    self._flat[ours], self._origin[ours] = quantized.to_numpy(value), key
 
   def unmapped(self, key: str) -> None:
     """Notes a key with no parameter; `result` reports all of them at once."""
@@ -107,8 +109,9 @@ class ParamCollector:
 
   def transposed(self, key: str, value, axes: tuple[int, ...] = (1, 0),
                  what: str = 'Linear weight') -> np.ndarray:
-    """value.transpose(axes), refusing another rank by key: torch (out, in) -> (in, out)."""
-    value = np.asarray(value)
+    """value.transpose(axes), refusing another rank by key: torch (out, in) -> (in, out).
+    A quantized value (blocks kept) transposes its parts."""
+    value = value if quantized.is_quantized(value) else np.asarray(value)
     if value.ndim != len(axes):
       raise errors.CheckpointError(self.source, f'shape {value.shape}, not a {what}.', key=key)
     return value.transpose(axes)

@@ -8,11 +8,13 @@ checkpoint entry must be used, so nothing is dropped or invented silently.
 import re
 from typing import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from finetune_jax import errors
+from finetune_jax import quantized
 
 
 def flat(params: Mapping) -> dict:
@@ -47,6 +49,13 @@ def check_dont_load(dont_load: Sequence[str], paths: Sequence[str],
   return regexes
 
 
+def _as_param(value, dtype):
+  """A loaded value on the device: in the param's dtype, or as kept quantized blocks."""
+  if quantized.is_quantized(value):
+    return jax.tree.map(jnp.asarray, value)
+  return jnp.asarray(value, dtype=dtype)
+
+
 def load_into(init_params: Mapping, loaded_params: Mapping,
               dont_load: Sequence[str] = (), source: str = '<file>') -> dict:
   """`init_params` with every leaf not matched by `dont_load` taken from `loaded_params`.
@@ -79,7 +88,5 @@ def load_into(init_params: Mapping, loaded_params: Mapping,
     raise errors.CheckpointError(
         source, f'shape mismatch: {shapes}. Fix the model config (e.g. num_classes) or add '
         'the parameter to dont_load (e.g. "^head/").')
-  params = {
-      p: v if skipped(p) else jnp.asarray(loaded[p], dtype=v.dtype)
-      for p, v in init.items()}
+  params = {p: v if skipped(p) else _as_param(loaded[p], v.dtype) for p, v in init.items()}
   return traverse_util.unflatten_dict(params, sep='/')

@@ -96,7 +96,8 @@ def describe_aliases() -> dict[str, str]:
 
 def load_pretrained(name_or_path, *, num_classes: int | None = None,
                     dont_load: Sequence[str] = (), seed: int = 0,
-                    image_size: int | None = None, **options) -> Pretrained:
+                    image_size: int | None = None, keep_quantized: bool = False,
+                    **options) -> Pretrained:
   """A model from an alias (`list_aliases()`) or a checkpoint path.
 
   num_classes: classifier size; None keeps the checkpoint's; a different one
@@ -105,6 +106,9 @@ def load_pretrained(name_or_path, *, num_classes: int | None = None,
   seed: for the parameters that are initialised rather than loaded.
   image_size: the input resolution to fine-tune at; models whose params
     depend on it (ViT position embeddings) are adapted when loaded.
+  keep_quantized: for a quantized base (QLoRA): Linear weights that the file
+    stores quantized stay so (quantized.py) where the loader can keep them
+    (GGUF's Q8_0, Q4_0, Q4_1); the rest loads as float, as without it.
   options: architecture options the loader takes, e.g. `pooling='mean'` for
     the text encoders.
   """
@@ -113,6 +117,8 @@ def load_pretrained(name_or_path, *, num_classes: int | None = None,
   name = os.fspath(name_or_path)
   kwargs = dict(num_classes=num_classes, dont_load=tuple(dont_load), seed=seed,
                 image_size=image_size, **options)
+  if keep_quantized:
+    kwargs['keep_quantized'] = True
   if name in _ALIASES:
     return _call(_ALIASES[name][0], None, name, kwargs)
   fmt = formats.format_of(name)
@@ -134,9 +140,11 @@ def load_pretrained(name_or_path, *, num_classes: int | None = None,
 
 def _call(load: Loader, path, name: str, kwargs: dict) -> Pretrained:
   """Runs a loader; an option it does not take is the user's error, named as such."""
-  options = set(kwargs) - {'num_classes', 'dont_load', 'seed', 'image_size'}
+  accepted = inspect.signature(load).parameters
+  if 'keep_quantized' not in accepted:  # a permission: loaders without it load floats
+    kwargs = {k: v for k, v in kwargs.items() if k != 'keep_quantized'}
+  options = set(kwargs) - {'num_classes', 'dont_load', 'seed', 'image_size', 'keep_quantized'}
   if options:
-    accepted = inspect.signature(load).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
     unknown = sorted(o for o in options if o not in accepted and not takes_any)
     if unknown:

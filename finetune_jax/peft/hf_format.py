@@ -17,12 +17,12 @@ import os
 
 import numpy as np
 
+from finetune_jax import quantized
 from finetune_jax.formats import hf_dir
 from finetune_jax.peft import hf_common
 from finetune_jax.peft import hf_names
 from finetune_jax.peft import method as method_lib
 from finetune_jax.peft import paths
-from finetune_jax.peft import quantize
 
 PEFT_CONFIG, PEFT_WEIGHTS = hf_common.PEFT_CONFIG, hf_common.PEFT_WEIGHTS
 OUR_CONFIG, OUR_WEIGHTS = 'adapter.json', 'adapter.safetensors'
@@ -68,7 +68,7 @@ def save_peft(model, adapted, params, out_dir: str, *, method: str,
 def merged_params(adapted, params, *, method: str) -> dict:
   """Plain model params: what the method learned folded into the weights, on the base it
   trained on (a quantized base dequantized, as QLoRA merges)."""
-  return method_lib.get(method).merged(adapted, quantize.dequantize_tree(params))
+  return method_lib.get(method).merged(adapted, quantized.dequantize_tree(params))
 
 
 def save_merged(model, adapted, params, out_dir: str, *, method: str) -> None:

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import qwix
+
+from finetune_jax import quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +57,10 @@ class Call:
 
 
 def quantized_kernel(module: nn.Module):
-  """The module's kernel where it is an nn.Dense with a quantized (qwix) kernel, else None."""
+  """The module's kernel where it is an nn.Dense with a quantized kernel (quantized.py), else None."""
   if isinstance(module, nn.Dense) and module.has_variable('params', 'kernel'):
     kernel = module.get_variable('params', 'kernel')
-    if isinstance(kernel, qwix.QArray):
+    if quantized.is_quantized(kernel):
       return kernel
   return None
 
@@ -67,14 +68,14 @@ def quantized_kernel(module: nn.Module):
 def float_kernel(module: nn.Module):
   """The module's kernel as floats: dequantized where it is quantized."""
   kernel = module.get_variable('params', 'kernel')
-  return qwix.dequantize(kernel) if isinstance(kernel, qwix.QArray) else kernel
+  return quantized.dequantize(kernel)
 
 
 @jax.checkpoint
 def _dequantized_matmul(x, kernel):
   # Under jax.checkpoint the backward pass dequantizes the kernel again instead of keeping
   # the float copy from the forward pass: only the quantized kernel stays in memory.
-  return jnp.dot(x, qwix.dequantize(kernel).astype(x.dtype))
+  return jnp.dot(x, quantized.dequantize(kernel).astype(x.dtype))
 
 
 def quantized_dense(module: nn.Dense, x, kernel):

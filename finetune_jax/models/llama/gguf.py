@@ -14,6 +14,9 @@ Llama's here:
   (x2, x3), ...); HF pairs the first half of a head with the second
   (rotate-half). The inverse permutation restores HF's layout exactly.
 """
+import functools
+
+import jax
 import numpy as np
 
 from finetune_jax import errors
@@ -46,8 +49,12 @@ _TOP_NAMES = {
 _PERMUTED = {'attn_q': 'num_attention_heads', 'attn_k': 'num_key_value_heads'}
 
 
-def read_llama_gguf(path: str):
+def read_llama_gguf(path: str, keep_quantized: bool = False):
   """Reads a Llama-family GGUF file as Hugging Face would hold the model.
+
+  keep_quantized: the Linear weights (projections, lm_head) stored in Q8_0, Q4_0
+    or Q4_1 come back with their blocks kept (`gguf_format.quantized`), for a
+    quantized base; everything else is dequantised.
 
   Returns:
     (hf_config, tensors, tokenizer): a dict with LlamaConfig keys, {HF name:
@@ -62,7 +69,7 @@ def read_llama_gguf(path: str):
         f'{"/".join(SUPPORTED_ARCHITECTURES)} architecture (Llama 1/2/3, SmolLM2, TinyLlama, '
         'Mistral-7B exported as llama). Load other models from their Hugging Face dir.')
   config = _hf_config(reader, path)
-  tensors = _hf_tensors(reader, path, config)
+  tensors = _hf_tensors(reader, path, config, keep_quantized)
   config['tie_word_embeddings'] = 'lm_head.weight' not in tensors
   config['attention_bias'] = 'model.layers.0.self_attn.q_proj.bias' in tensors
   tokenizer = gguf_format.tokenizer(reader, path)
@@ -165,7 +172,7 @@ def _expected_shape(name: str, c: dict) -> tuple | None:
   }.get(leaf)
 
 
-def _hf_tensors(reader, path: str, config: dict) -> dict[str, np.ndarray]:
+def _hf_tensors(reader, path: str, config: dict, keep_quantized: bool) -> dict:
   tensors = {}
   for tensor in reader.tensors:
     if tensor.name == 'rope_freqs.weight':
@@ -181,10 +188,14 @@ def _hf_tensors(reader, path: str, config: dict) -> dict[str, np.ndarray]:
     if layer is not None and layer >= config['num_hidden_layers']:
       raise errors.CheckpointError(
           path, f'past llama.block_count = {config["num_hidden_layers"]}.', key=tensor.name)
-    value = gguf_format.dequantize(tensor, path)
+    linear = name.endswith('_proj.weight') or name == 'lm_head.weight'
+    value = gguf_format.quantized(tensor, path) if keep_quantized and linear else None
+    if value is None:
+      value = gguf_format.dequantize(tensor, path)
     kind = tensor.name.split('.')[2] if layer is not None else None
-    if kind in _PERMUTED:
-      value = unpermute_rows(value, config[_PERMUTED[kind]])
+    if kind in _PERMUTED:  # whole rows move, so kept blocks (and their scales) move along
+      value = jax.tree.map(functools.partial(unpermute_rows, n_head=config[_PERMUTED[kind]]),
+                           value)
     expected = _expected_shape(name, config)
     if value.shape != expected:
       raise errors.CheckpointError(
