@@ -243,9 +243,9 @@ def test_dequantised_values_match_independent_decoding(tiny):
 
 
 def test_kept_blocks_dequantize_to_the_floats_read(tiny):
-  """keep_quantized (a quantized base): Linear weights in Q8_0, Q4_0 and Q4_1 keep the
-  file's blocks, Q/K rows un-permuted with their scales, and dequantize to exactly the
-  floats of the ordinary read; everything else is read as floats."""
+  """keep_quantized (a quantized base): matrices in Q8_0, Q4_0 and Q4_1 keep the file's
+  blocks (Q/K rows un-permuted with their scales) and dequantize to exactly the floats of
+  the ordinary read; everything else is read as floats."""
   path, _, written, (_, floats, _) = tiny
   _, kept, _ = gguf_convert.read_llama_gguf(str(path), keep_quantized=True)
   assert kept.keys() == floats.keys()
@@ -253,11 +253,11 @@ def test_kept_blocks_dequantize_to_the_floats_read(tiny):
   seen = set()
   for name, (_, qtype) in written.items():
     hf = TENSORS[name][0]
-    linear = hf.endswith('_proj.weight') or hf == 'lm_head.weight'
-    if linear and qtype in storage:
+    if qtype in storage:
       value = kept[hf]
-      assert quantized.is_quantized(value) and value.qvalue.dtype == storage[qtype], name
-      assert isinstance(value, quantized.OffsetQArray) == (qtype == Q.Q4_1), name
+      assert isinstance(value, quantized.BlockQuantized), name
+      assert value.qvalue.dtype == storage[qtype] and value.scale.dtype == np.float16, name
+      assert (value.offset is not None) == (qtype == Q.Q4_1), name
       np.testing.assert_array_equal(
           quantized.dequantize(jax.tree.map(jnp.asarray, value)), floats[hf], err_msg=name)
       seen.add((qtype, 'attn_k' in name or 'attn_q' in name))

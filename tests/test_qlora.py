@@ -82,19 +82,20 @@ def test_training_on_the_quantized_base_tracks_the_float_base(mode, method, rtol
 
 
 def test_a_4bit_gguf_base_trains_on_the_files_own_blocks(tmp_path):
-  """A GGUF whose Linear weights are Q4_1, as SmolLM2's are: nf4 keeps the file's blocks
-  (no float copy, no second rounding), so LoRA trains exactly as on the float read of the
-  same file; int8 quantizes them again, to its own width."""
+  """A GGUF whose Linear weights are Q4_1 and tied embedding Q8_0, as SmolLM2's: nf4 keeps
+  the file's blocks (no float copy, no second rounding), so LoRA trains exactly as on the
+  float read of the same file; int8 quantizes the 4-bit kernels again, to its own width."""
   path = str(tmp_path / 'q4_1.gguf')
-  linear = {name: Q.Q4_1 for name, (hf, _) in test_gguf.TENSORS.items()
-            if hf.endswith('_proj.weight') or hf == 'lm_head.weight'}
-  test_gguf.write_gguf(path, test_gguf.hf_weights(), types=linear)
-  model, adapted, _, frozen, _ = _setup('nf4', pretrained=path)
-  loaded = paths.flatten(model.params)
-  kernels = {p: v for p, v in paths.flatten(frozen).items() if p.endswith('/kernel')}
-  assert len(kernels) == len(linear) == 15
-  assert all(isinstance(v, quantized.OffsetQArray) and v.qvalue.dtype == jnp.uint4
-             and v is loaded[p] for p, v in kernels.items())
+  types = {name: Q.Q4_1 for name, (hf, _) in test_gguf.TENSORS.items()
+           if hf.endswith('_proj.weight') or hf == 'lm_head.weight'}
+  test_gguf.write_gguf(path, test_gguf.hf_weights(tied=True), types=types)
+  model, _, _, frozen, _ = _setup('nf4', pretrained=path)
+  loaded, held = paths.flatten(model.params), paths.flatten(frozen)
+  kernels = {p: v for p, v in held.items() if p.endswith('/kernel')}
+  assert len(kernels) == len(types) - 1 == 14  # the LM head is the table (attend)
+  assert all(v.qvalue.dtype == jnp.uint4 and v is loaded[p] for p, v in kernels.items())
+  table = held['embed_tokens/embedding']
+  assert isinstance(table, quantized.BlockQuantized) and table.qvalue.dtype == jnp.int8
   reference, _ = _losses('none', pretrained=path, num_steps=3)
   losses, _ = _losses('nf4', pretrained=path, num_steps=3)
   np.testing.assert_allclose(losses, reference, rtol=1e-6)

@@ -27,7 +27,6 @@ import warnings
 import gguf
 import ml_dtypes
 import numpy as np
-import qwix
 import tokenizers
 from gguf import GGMLQuantizationType as _Q
 from tokenizers import decoders
@@ -203,11 +202,10 @@ _KEPT_TYPES = {
 }
 
 
-def quantized(tensor, path: str = '<gguf>'):
-  """A Q8_0, Q4_0 or Q4_1 tensor with its blocks kept, in numpy (row-major) order: a
-  `qwix.QArray` (Q8_0, Q4_0) or `quantized.OffsetQArray` (Q4_1) of numpy arrays, one
-  scale (and offset) per block of 32 along a row. It dequantizes to `dequantize(tensor)`
-  up to float32 rounding. None for any other type."""
+def quantized(tensor, path: str = '<gguf>') -> quantized_lib.BlockQuantized | None:
+  """A Q8_0, Q4_0 or Q4_1 tensor with its blocks kept, in numpy (row-major) order: the
+  quants, and float16 d (and Q4_1's m) per block of 32 along a row, as numpy arrays. It
+  dequantizes to `dequantize(tensor)` exactly. None for any other type."""
   if tensor.tensor_type not in _KEPT_TYPES:
     return None
   storage, start = _KEPT_TYPES[tensor.tensor_type]
@@ -221,9 +219,8 @@ def quantized(tensor, path: str = '<gguf>'):
   blocks = raw.reshape(-1, size)
   per_block = shape[:-1] + (shape[-1] // block,)
 
-  def half(column):  # an f16 field of every block, as float32 in per-block layout
-    return blocks[:, column:column + 2].copy().view(np.float16).astype(np.float32).reshape(
-        per_block)
+  def half(column):  # an f16 field of every block, in per-block layout
+    return blocks[:, column:column + 2].copy().view(np.float16).reshape(per_block)
 
   quants = blocks[:, start:]
   if storage is np.int8:
@@ -232,10 +229,9 @@ def quantized(tensor, path: str = '<gguf>'):
     q = np.concatenate([quants & 0x0F, quants >> 4], axis=1)
     if tensor.tensor_type == _Q.Q4_0:
       q = q.astype(np.int8) - 8
-  base = qwix.QArray(qvalue=q.astype(storage).reshape(shape), scale=half(0), qtype=storage)
-  if tensor.tensor_type == _Q.Q4_1:
-    return quantized_lib.OffsetQArray(base, half(2))
-  return base
+  return quantized_lib.BlockQuantized(
+      qvalue=q.astype(storage).reshape(shape), scale=half(0),
+      offset=half(2) if tensor.tensor_type == _Q.Q4_1 else None)
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -31,18 +31,18 @@ class Call:
 
   def run(self):
     """The original call. Once only: a compact layer cannot run twice here."""
-    if quantized_kernel(self.module) is not None:
+    if quantized_weight(self.module) is not None:
       return self.run_on(self.inputs)
     return self.next_fun(*self.args, **self.kwargs)
 
   def run_on(self, inputs):
     """The original call on other inputs (IA3 rescales a layer's input). Once only.
 
-    An nn.Dense whose kernel is quantized (QLoRA's base, peft/quantize.py) is computed
-    here, with the kernel dequantized inside the matmul."""
-    kernel = quantized_kernel(self.module)
-    if kernel is not None:
-      return quantized_dense(self.module, inputs, kernel)
+    A layer whose weight is quantized (QLoRA's base, peft/quantize.py) is computed here:
+    an nn.Dense dequantizes its kernel inside the matmul, an nn.Embed the rows it looks up."""
+    weight = quantized_weight(self.module)
+    if weight is not None:
+      return quantized_call(self.module, inputs, weight)
     if self.args:
       return self.next_fun(inputs, *self.args[1:], **self.kwargs)
     return self.next_fun(**{**self.kwargs, 'inputs': inputs})
@@ -56,12 +56,17 @@ class Call:
     return '/'.join(self.module.path)
 
 
-def quantized_kernel(module: nn.Module):
-  """The module's kernel where it is an nn.Dense with a quantized kernel (quantized.py), else None."""
-  if isinstance(module, nn.Dense) and module.has_variable('params', 'kernel'):
-    kernel = module.get_variable('params', 'kernel')
-    if quantized.is_quantized(kernel):
-      return kernel
+# The layers whose weight may be held quantized, and that weight's name.
+_QUANTIZABLE = ((nn.Dense, 'kernel'), (nn.Embed, 'embedding'))
+
+
+def quantized_weight(module: nn.Module):
+  """An nn.Dense's kernel or an nn.Embed's table where it is quantized (quantized.py),
+  else None."""
+  for layer, name in _QUANTIZABLE:
+    if isinstance(module, layer) and module.has_variable('params', name):
+      weight = module.get_variable('params', name)
+      return weight if quantized.is_quantized(weight) else None
   return None
 
 
@@ -78,9 +83,17 @@ def _dequantized_matmul(x, kernel):
   return jnp.dot(x, quantized.dequantize(kernel).astype(x.dtype))
 
 
-def quantized_dense(module: nn.Dense, x, kernel):
-  """What nn.Dense `module` returns for `x` with its quantized `kernel`."""
-  y = _dequantized_matmul(x, kernel)
+@jax.checkpoint
+def _dequantized_attend(x, table):
+  return jnp.dot(x, quantized.dequantize(table).astype(x.dtype).T)
+
+
+def quantized_call(module: nn.Module, x, weight):
+  """What `module` (nn.Dense or nn.Embed) returns for `x` with its quantized `weight`."""
+  if isinstance(module, nn.Embed):
+    (rows,) = module.promote_dtype(quantized.take(weight, x), dtype=module.dtype, inexact=False)
+    return rows
+  y = _dequantized_matmul(x, weight)
   if module.use_bias:
     y = y + module.get_variable('params', 'bias').astype(y.dtype)
   return y
@@ -121,6 +134,10 @@ class Intercepted:
     train = bool(kwargs.get('train', False))
 
     def interceptor(next_fun, call_args, call_kwargs, context):
+      if context.method_name == 'attend':  # a tied LM head on a quantized table
+        table = quantized_weight(context.module)
+        if table is not None:
+          return _dequantized_attend(*call_args, table)
       if context.method_name != '__call__':
         return next_fun(*call_args, **call_kwargs)
       return self.hook(Call(context.module, next_fun, call_args, call_kwargs, train))

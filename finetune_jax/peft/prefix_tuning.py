@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax import quantized
 from finetune_jax.models import architecture
 from finetune_jax.peft import base
 from finetune_jax.peft import hf_names
@@ -95,7 +96,7 @@ def adapt(model, cfg) -> base.Adapted:
     raise ValueError('These params already hold a prefix; adapt the plain pretrained model.')
   spec = virtual_tokens.cache_spec(model.config)
   module = PrefixTuned(model.module, n, KEY, spec, embedding, architecture.of(model).decoder)
-  table = np.asarray(flat[embedding])
+  table = np.asarray(quantized.dequantize(flat[embedding]))
   ids = virtual_tokens.sample_token_ids(model, n, seed=0)
   layers, kv_heads, head_dim = spec
   if hidden:

@@ -26,6 +26,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from finetune_jax import quantized
 from finetune_jax.models import architecture
 from finetune_jax.peft import base
 from finetune_jax.peft import method
@@ -48,7 +49,7 @@ class PromptTuned(virtual_tokens.VirtualTokens):
     embeds = kwargs.pop('inputs_embeds', None)
     if embeds is None:
       ids = jnp.asarray(input_ids)
-      embeds = jnp.take(self._embeddings(variables['params']), ids, axis=0)
+      embeds = quantized.take(self._embeddings(variables['params']), ids)
     batch, length = embeds.shape[:2]
     prompt = jnp.broadcast_to(prompt.astype(embeds.dtype), (batch, *prompt.shape))
     embeds = jnp.concatenate([prompt, embeds], axis=1)
@@ -83,7 +84,7 @@ def adapt(model, cfg) -> base.Adapted:
   flat = paths.flatten(model.params)
   if KEY in flat:
     raise ValueError('These params already hold a prompt; adapt the plain pretrained model.')
-  table = np.asarray(flat[embedding])
+  table = np.asarray(quantized.dequantize(flat[embedding]))
   if init == 'random':
     rng = virtual_tokens.leaf_rng(KEY)
     prompt = rng.normal(0.0, float(table.std()), (n, table.shape[1]))

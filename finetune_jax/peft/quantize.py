@@ -6,7 +6,7 @@ method has split the params, every frozen 2-D `kernel` of an nn.Dense becomes a 
 inputs and per output. What trains (LoRA's factors, the head, biases, norms) stays float32.
 
 Each nn.Dense whose kernel is quantized computes x @ dequantize(kernel) + bias inside a
-`jax.checkpoint` (`intercept.quantized_dense`), so the backward pass keeps the quantized
+`jax.checkpoint` (`intercept.quantized_call`), so the backward pass keeps the quantized
 kernel and dequantizes it again, instead of keeping a float copy of every kernel from the
 forward pass (README, Memory: the XLA:CPU flags this needs, which the CLI sets). The call is
 routed through the same interception as LoRA's (`intercept.Call.run`), below the method's
@@ -15,7 +15,10 @@ own hook; a method without one gets a pass-through hook.
 A kernel the checkpoint already stores quantized at the mode's width (GGUF's Q4_0 and Q4_1
 blocks for nf4, Q8_0 for int8; loaded with `keep_quantized`) stays as the file has it:
 quantizing its dequantized floats again would only round them a second time. One at another
-width is dequantized and quantized to the mode, a kernel at a time.
+width is dequantized and quantized to the mode, a kernel at a time. A quantized embedding
+table (a GGUF's, usually Q8_0) stays as the file has it too: its nn.Embed looks up and
+dequantizes only the rows it needs, and a tied LM head (`attend`) dequantizes the table
+inside its matmul, as a Dense does.
 """
 import dataclasses
 
@@ -65,16 +68,19 @@ def bits(value) -> int:
   return jnp.iinfo(value.qvalue.dtype).bits
 
 
-def base_kernel(kernel, mode: str, block: int, trains: bool):
-  """A kernel as the quantized base holds it: floats where it trains, the checkpoint's
-  own blocks where they already have the mode's width, else quantized to `mode`."""
+def base_weight(path: str, value, mode: str, block: int, trains: bool):
+  """A param as the quantized base holds it: floats where it trains; a frozen Dense kernel
+  in the checkpoint's own blocks where they have the mode's width, else quantized to
+  `mode`; any other weight as loaded (a GGUF's embedding table stays in its blocks)."""
   if trains:
-    return quantized.dequantize(kernel)
-  if quantized.is_quantized(kernel):
-    if bits(kernel) == BITS[mode]:
-      return kernel
-    kernel = quantized.dequantize(kernel)
-  return quantize_kernel(kernel, mode, block)
+    return quantized.dequantize(value)
+  if not (path.endswith('/kernel') and value.ndim == 2):
+    return value
+  if quantized.is_quantized(value):
+    if bits(value) == BITS[mode]:
+      return value
+    value = quantized.dequantize(value)
+  return quantize_kernel(value, mode, block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +98,8 @@ def quantize_base(adapted: base.Adapted, cfg) -> base.Adapted:
   if mode == 'none':
     return adapted
   flat = paths.flatten(adapted.params)
-  held = {p: base_kernel(v, mode, cfg.quantize_block, p in adapted.trainable)
-          if p.endswith('/kernel') and v.ndim == 2 else v for p, v in flat.items()}
+  held = {p: base_weight(p, v, mode, cfg.quantize_block, p in adapted.trainable)
+          for p, v in flat.items()}
   module = adapted.module
   if not isinstance(module, intercept.Intercepted):
     module = intercept.Intercepted(module, PassThrough())

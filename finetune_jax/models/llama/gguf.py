@@ -52,8 +52,8 @@ _PERMUTED = {'attn_q': 'num_attention_heads', 'attn_k': 'num_key_value_heads'}
 def read_llama_gguf(path: str, keep_quantized: bool = False):
   """Reads a Llama-family GGUF file as Hugging Face would hold the model.
 
-  keep_quantized: the Linear weights (projections, lm_head) stored in Q8_0, Q4_0
-    or Q4_1 come back with their blocks kept (`gguf_format.quantized`), for a
+  keep_quantized: the matrices (projections, embedding, lm_head) stored in Q8_0,
+    Q4_0 or Q4_1 come back with their blocks kept (`gguf_format.quantized`), for a
     quantized base; everything else is dequantised.
 
   Returns:
@@ -188,8 +188,8 @@ def _hf_tensors(reader, path: str, config: dict, keep_quantized: bool) -> dict:
     if layer is not None and layer >= config['num_hidden_layers']:
       raise errors.CheckpointError(
           path, f'past llama.block_count = {config["num_hidden_layers"]}.', key=tensor.name)
-    linear = name.endswith('_proj.weight') or name == 'lm_head.weight'
-    value = gguf_format.quantized(tensor, path) if keep_quantized and linear else None
+    matrix = len(tensor.shape) == 2
+    value = gguf_format.quantized(tensor, path) if keep_quantized and matrix else None
     if value is None:
       value = gguf_format.dequantize(tensor, path)
     kind = tensor.name.split('.')[2] if layer is not None else None
