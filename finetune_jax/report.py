@@ -8,7 +8,8 @@ sweep's workdir). The report goes into --out, by default the sweep's workdir
 
 - summary.csv: one row per run: its swept keys, seed, status (finished, failed,
   incomplete), every final metric under its results.json name, the initial ones
-  as initial_<name>, the cost figures and, for a failed run, its error;
+  as initial_<name>, the feature drift (feature_drift_cka, feature_drift_cosine)
+  where measured, the cost figures and, for a failed run, its error;
 - summary.md: the runs grouped over seeds (mean ± std and n), sorted by the
   selection metric, a validation metric where the runs have one, with the test
   metrics of the setting it selects;
@@ -118,6 +119,8 @@ def rows(runs: list[dict], keys: list[str]) -> list[dict]:
            'seed': run['config'].get('seed'), 'status': run['status']}
     row.update(results.get('final', {}))
     row.update({f'initial_{k}': v for k, v in results.get('initial', {}).items()})
+    drift = results.get('feature_drift') or {}
+    row.update({f'feature_drift_{k}': v for k, v in drift.items() if k != 'examples'})
     row.update({k: results.get(k) for k in COST_COLUMNS})
     row['error'] = run['error']
     table.append(row)

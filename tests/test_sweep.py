@@ -113,6 +113,17 @@ def read_csv(path):
 
 
 @pytest.mark.slow
+def test_a_report_row_carries_the_initial_metrics_and_the_feature_drift():
+  run = {'name': 'peft.method=lora,seed=0', 'config': {'peft.method': 'lora', 'seed': 0},
+         'status': 'finished', 'error': None,
+         'results': {'final': {'eval_accuracy': 0.9}, 'initial': {'eval_accuracy': 0.1},
+                     'feature_drift': {'cka': 0.7, 'cosine': 0.6, 'examples': 2000}}}
+  (row,) = report.rows([run], ['peft.method'])
+  assert row['eval_accuracy'] == 0.9 and row['initial_eval_accuracy'] == 0.1
+  assert row['feature_drift_cka'] == 0.7 and row['feature_drift_cosine'] == 0.6
+  assert 'feature_drift_examples' not in row
+
+
 def test_sweep_runs_resumes_skips_and_reports_a_failed_run(tmp_path):
   workdir = tmp_path / 'runs'
   flags = ['--sweep=learning_rate=0.003,0.001', '--sweep=dataset=mnist5k,folder:/nonexistent',

@@ -23,4 +23,5 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   del arg
   base = text_config().learning_rate
-  return [{'learning_rate': base * f} for f in (10.0, 1.0, 0.1, 0.01)]
+  # Rounded to 3 digits, so 1e-4 * 0.01 is 1e-06 in the run's name, not 1.0000000000000002e-06.
+  return [{'learning_rate': float(f'{base * f:.3g}')} for f in (10.0, 1.0, 0.1, 0.01)]

@@ -106,9 +106,9 @@ def load_pretrained(name_or_path, *, num_classes: int | None = None,
   seed: for the parameters that are initialised rather than loaded.
   image_size: the input resolution to fine-tune at; models whose params
     depend on it (ViT position embeddings) are adapted when loaded.
-  keep_quantized: for a quantized base (QLoRA): Linear weights that the file
-    stores quantized stay so (quantized.py) where the loader can keep them
-    (GGUF's Q8_0, Q4_0, Q4_1); the rest loads as float, as without it.
+  keep_quantized: for a quantized base (QLoRA): matrices that the file stores
+    quantized stay so (quantized.py) where the loader can keep them (GGUF's
+    Q8_0, Q4_0, Q4_1); the rest loads as float, as without it.
   options: architecture options the loader takes, e.g. `pooling='mean'` for
     the text encoders.
   """

