@@ -104,6 +104,34 @@ def test_a_4bit_gguf_base_trains_on_the_files_own_blocks(tmp_path):
              for p, v in paths.flatten(frozen).items() if p.endswith('/kernel'))
 
 
+@pytest.fixture(scope='module')
+def untied_4bit_gguf(tmp_path_factory):
+  """A GGUF with every Linear weight in Q4_1, its own LM head included, the table in Q8_0."""
+  path = str(tmp_path_factory.mktemp('gguf') / 'untied_q4_1.gguf')
+  types = {name: Q.Q4_1 for name, (hf, _) in test_gguf.TENSORS.items()
+           if hf.endswith('_proj.weight') or hf == 'lm_head.weight'}
+  test_gguf.write_gguf(path, test_gguf.hf_weights(), types=types)
+  return path
+
+
+@pytest.mark.parametrize('method', ['lora', 'dora', 'ia3', 'adapter', 'prompt_tuning',
+                                    'prefix_tuning', 'linear_probe'])
+def test_every_method_that_freezes_the_base_starts_as_on_the_float_read(method,
+                                                                        untied_4bit_gguf):
+  """Each method's init reads the base its own way (DoRA's norms, the prompt's table rows,
+  the prefix's forward pass, the probe's head, which trains and so is floats): on the file's
+  blocks it starts from the model it starts from on the float read."""
+  ids = np.arange(3, 19, dtype=np.int32)[None]
+  outputs = {}
+  for mode in ('none', 'nf4'):
+    _, adapted, state, frozen, _ = _setup(mode, method, pretrained=untied_4bit_gguf)
+    outputs[mode] = adapted.module.apply({'params': paths.join(state['trainable'], frozen)},
+                                         ids, np.ones_like(ids), train=False)['logits']
+  assert all(not quantized.is_quantized(v) for v in jax.tree.leaves(
+      state['trainable'], is_leaf=quantized.is_quantized))
+  np.testing.assert_allclose(outputs['nf4'], outputs['none'], rtol=1e-5, atol=1e-5)
+
+
 def test_the_backward_pass_keeps_no_float_copy_of_a_kernel():
   model, adapted, state, frozen, _ = _setup('int8')
   shapes = {tuple(v.qvalue.shape) for v in jax.tree.leaves(

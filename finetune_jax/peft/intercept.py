@@ -123,6 +123,15 @@ Hook = Callable[[Call], Any]  # must hash and compare by value (a frozen datacla
 
 
 @dataclasses.dataclass(frozen=True)
+class PassThrough:
+  """The hook that changes nothing: every call as it is, so a quantized base (Call.run)
+  computes for a method without a hook of its own, or for the plain base model."""
+
+  def __call__(self, call: Call):
+    return call.run()
+
+
+@dataclasses.dataclass(frozen=True)
 class Intercepted:
   """`base` with every module `__call__` routed through `hook`."""
   base: nn.Module

@@ -28,6 +28,7 @@ from finetune_jax import quantized
 from finetune_jax.models import architecture
 from finetune_jax.peft import base
 from finetune_jax.peft import hf_names
+from finetune_jax.peft import intercept
 from finetune_jax.peft import method
 from finetune_jax.peft import paths
 from finetune_jax.peft import virtual_tokens
@@ -108,8 +109,9 @@ def adapt(model, cfg) -> base.Adapted:
                    'bias': _torch_linear(f'{name}/bias', fan_in, (fan_out,))}
   elif init == 'vocab':
     cache = virtual_tokens.empty_cache(spec, 1, n, table.dtype)
-    cache = jax.jit(model.module.apply)({'params': model.params}, jnp.asarray(ids[None]),
-                                        cache=cache)['cache']
+    base_model = intercept.Intercepted(model.module, intercept.PassThrough())  # quantized too
+    cache = jax.jit(base_model.apply)({'params': model.params}, jnp.asarray(ids[None]),
+                                      cache=cache)['cache']
     new = {'keys': jnp.stack([layer['k'][0] for layer in cache['layers']]),
            'values': jnp.stack([layer['v'][0] for layer in cache['layers']])}
   else:

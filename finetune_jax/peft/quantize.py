@@ -83,15 +83,6 @@ def base_weight(path: str, value, mode: str, block: int, trains: bool):
   return quantize_kernel(value, mode, block)
 
 
-@dataclasses.dataclass(frozen=True)
-class PassThrough:
-  """The interception hook of a method that has none: every call as it is (Call.run
-  computes the quantized layers)."""
-
-  def __call__(self, call: intercept.Call):
-    return call.run()
-
-
 def quantize_base(adapted: base.Adapted, cfg) -> base.Adapted:
   """`adapted` with its frozen Dense kernels quantized (cfg.quantize_base), or as it is."""
   mode = cfg.get('quantize_base', 'none')
@@ -102,5 +93,5 @@ def quantize_base(adapted: base.Adapted, cfg) -> base.Adapted:
           for p, v in flat.items()}
   module = adapted.module
   if not isinstance(module, intercept.Intercepted):
-    module = intercept.Intercepted(module, PassThrough())
+    module = intercept.Intercepted(module, intercept.PassThrough())
   return dataclasses.replace(adapted, module=module, params=paths.unflatten(held))
