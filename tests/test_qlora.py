@@ -96,9 +96,18 @@ def test_a_4bit_gguf_base_trains_on_the_files_own_blocks(tmp_path):
   assert all(v.qvalue.dtype == jnp.uint4 and v is loaded[p] for p, v in kernels.items())
   table = held['embed_tokens/embedding']
   assert isinstance(table, quantized.BlockQuantized) and table.qvalue.dtype == jnp.int8
-  reference, _ = _losses('none', pretrained=path, num_steps=3)
-  losses, _ = _losses('nf4', pretrained=path, num_steps=3)
+  reference, trained_on_floats = _losses('none', pretrained=path, num_steps=3)
+  losses, trained = _losses('nf4', pretrained=path, num_steps=3)
   np.testing.assert_allclose(losses, reference, rtol=1e-6)
+  # The merged export dequantizes the blocks: the float read's merged model, to float rounding.
+  merged = {}
+  for mode, state in (('none', trained_on_floats), ('nf4', trained)):
+    _, adapted, _, frozen, _ = _setup(mode, pretrained=path)
+    merged[mode] = paths.flatten(hf_format.merged_params(
+        adapted, paths.join(state['trainable'], frozen), method='lora'))
+  assert merged['nf4'].keys() == merged['none'].keys()
+  for p, v in merged['nf4'].items():
+    np.testing.assert_allclose(v, merged['none'][p], rtol=1e-5, atol=1e-6, err_msg=p)
   _, _, _, frozen, _ = _setup('int8', pretrained=path)
   assert all(isinstance(v, qwix.QArray) and v.qvalue.dtype == jnp.int8
              for p, v in paths.flatten(frozen).items() if p.endswith('/kernel'))
