@@ -116,9 +116,7 @@ def load_pretrained(name_or_path, *, num_classes: int | None = None,
     raise ValueError(f'num_classes must be a non-negative int, got {num_classes!r}.')
   name = os.fspath(name_or_path)
   kwargs = dict(num_classes=num_classes, dont_load=tuple(dont_load), seed=seed,
-                image_size=image_size, **options)
-  if keep_quantized:
-    kwargs['keep_quantized'] = True
+                image_size=image_size, keep_quantized=keep_quantized, **options)
   if name in _ALIASES:
     return _call(_ALIASES[name][0], None, name, kwargs)
   fmt = formats.format_of(name)

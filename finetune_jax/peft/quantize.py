@@ -63,11 +63,6 @@ def quantize_kernel(kernel, mode: str, block: int):
   return quantize(jnp.asarray(kernel))
 
 
-def bits(value) -> int:
-  """The width of a quantized array's values."""
-  return jnp.iinfo(value.qvalue.dtype).bits
-
-
 def base_weight(path: str, value, mode: str, block: int, trains: bool):
   """A param as the quantized base holds it: floats where it trains; a frozen Dense kernel
   in the checkpoint's own blocks where they have the mode's width, else quantized to
@@ -77,7 +72,7 @@ def base_weight(path: str, value, mode: str, block: int, trains: bool):
   if not (path.endswith('/kernel') and value.ndim == 2):
     return value
   if quantized.is_quantized(value):
-    if bits(value) == BITS[mode]:
+    if jnp.iinfo(value.qvalue.dtype).bits == BITS[mode]:  # the file's blocks, as they are
       return value
     value = quantized.dequantize(value)
   return quantize_kernel(value, mode, block)
