@@ -3,8 +3,11 @@ r"""Study: every method that applies to a CNN, on the vision default, with its c
 full, partial (the default), bitfit, linear_probe, lora, dora and lp_ft on EfficientNet-Lite0
 / Fashion-MNIST: accuracy against trainable params (the report's cost_quality.png), optimizer
 state, step time and peak memory; 3 seeds, 700 steps, 5000 images for validation. (IA3,
-adapters, prompt and prefix tuning need attention layers.)
+adapters, prompt and prefix tuning need attention layers.) The config is distortion_vision's,
+shifted test sets and feature drift included, so that study's full, linear_probe, lp_ft and
+lora runs are exactly this study's: copy them into the workdir and the sweep skips them.
 
+  cp -r runs/distortion_vision/peft.method=* runs/methods_vision/   # optional: reuse them
   python -m finetune_jax.sweep --config experiments/studies/methods_vision.py \
       --workdir runs/methods_vision --seeds 3
 """
@@ -12,11 +15,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _vision import vision_config  # noqa: E402
+import distortion_vision  # noqa: E402
 
 
 def get_config(arg=None):
-  return vision_config(arg)
+  return distortion_vision.get_config(arg)
 
 
 def get_sweep(arg=None):
