@@ -86,8 +86,9 @@ def measure(args, remat: str, accum: int, impl: str, quantize: str = 'none') -> 
     for _ in range(calls):
       holder['state'], metrics = compiled(holder['state'], frozen, batch)
     return metrics
-  jax.block_until_ready(update())
   times = []
+  if args.steps:  # else compiled only: XLA's memory figures
+    jax.block_until_ready(update())
   for _ in range(args.steps):
     tick = time.perf_counter()
     jax.block_until_ready(update())
@@ -99,7 +100,7 @@ def measure(args, remat: str, accum: int, impl: str, quantize: str = 'none') -> 
           'temp_mib': memory.temp_size_in_bytes / 2**20,
           'argument_mib': memory.argument_size_in_bytes / 2**20,
           'optimizer_state_mib': optim.state_bytes(holder['state']['opt_state']) / 2**20,
-          'update_s': statistics.median(times), 'compile_s': compile_s}
+          'update_s': statistics.median(times) if times else None, 'compile_s': compile_s}
 
 
 def main():
@@ -113,7 +114,7 @@ def main():
   parser.add_argument('--accum', default='1', help='grad_accum_steps values, comma-joined')
   parser.add_argument('--accum_impl', default='scan', help='scan and/or multisteps')
   parser.add_argument('--quantize_base', default='none', help='none, int8 and/or nf4 (QLoRA)')
-  parser.add_argument('--steps', type=int, default=3, help='timed updates per setting')
+  parser.add_argument('--steps', type=int, default=3, help='timed updates per setting; 0 compiles only')
   parser.add_argument('--cpu_scheduler', default='memory', choices=('memory', 'concurrency'),
                       help="XLA:CPU's scheduler (set from sys.argv before JAX starts)")
   args = parser.parse_args()

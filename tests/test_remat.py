@@ -107,7 +107,7 @@ from finetune_jax import steps, tasks
 from finetune_jax.models import architecture
 from finetune_jax.models.llama import model as llama
 for remat in ('none', 'block'):
-  config = llama.make_config('tiny', num_layers=8, hidden_size=64, intermediate_size=128)
+  config = llama.make_config('tiny', num_layers=24, hidden_size=64, intermediate_size=256)
   module = architecture.build_module(llama.LlamaForCausalLM, config).clone(remat=remat)
   params = jax.eval_shape(module.init, jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))['params']
   tx = optax.adamw(1e-3)
@@ -123,11 +123,13 @@ for remat in ('none', 'block'):
 
 
 def test_compiled_step_temp_memory_falls_under_block_remat():
-  """XLA's own figure for the compiled train step of an 8-layer Llama, compiled as the CLI
-  does with remat (main.REMAT_XLA_FLAGS): block remat cuts its temp bytes by over 40%."""
+  """XLA's own figure for the compiled train step of a 24-layer Llama, compiled as the CLI
+  does with remat (main.REMAT_XLA_FLAGS): block remat keeps under a quarter of the temp bytes
+  (10% measured). Without its weight gradients tied to each block (layers._tied) it kept 49%:
+  XLA:CPU deferred every layer's weight gradients, and the recomputed activations with them."""
   env = {**os.environ, 'XLA_FLAGS': ' '.join(main.REMAT_XLA_FLAGS)}
   proc = subprocess.run([sys.executable, '-c', _COMPILE_STEP], capture_output=True, text=True,
                         env=env, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode == 0, proc.stderr[-3000:]
   temp = {row['remat']: row['temp'] for row in map(json.loads, proc.stdout.splitlines())}
-  assert temp['block'] < 0.6 * temp['none'], temp
+  assert temp['block'] < 0.25 * temp['none'], temp

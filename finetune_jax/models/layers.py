@@ -2,10 +2,12 @@
 import functools
 from typing import Sequence
 
+from flax.core import lift
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 DEPTHWISE_IMPLS = ('auto', 'shift', 'lax')
 
@@ -18,17 +20,64 @@ REMAT_MODES = ('none', 'block', *REMAT_POLICIES)
 
 
 def remat(block: type[nn.Module], mode: str, static_argnums: tuple[int, ...] = ()):
-  """`block` as a model builds it under `mode` (REMAT_MODES): itself, or under nn.remat.
+  """`block` as a model builds it under `mode` (REMAT_MODES): itself, or rematerialised.
 
   static_argnums count `self` as 0, as nn.remat's do: the block's Python-valued
-  arguments (`train`), which must not be traced.
+  arguments (`train`), which must not be traced. The block is nn.remat's jax.checkpoint with
+  one addition, `_tied`: its weight gradients are computed before its input gradient moves on.
   """
   if mode == 'none':
     return block
   if mode not in REMAT_MODES:
     raise ValueError(f'remat={mode!r} is not one of {REMAT_MODES}.')
   policy = None if mode == 'block' else getattr(jax.checkpoint_policies, mode)
-  return nn.remat(block, policy=policy, static_argnums=static_argnums)
+  return nn.transforms.lift_transform(_tied_checkpoint, block, policy=policy,
+                                      static_argnums=tuple(i - 1 for i in static_argnums))
+
+
+@jax.custom_vjp
+def _tied(tree):
+  """The identity. Backward, the cotangents of every perturbed leaf leave through one
+  optimization barrier: a block's weight gradients are computed before its input gradient
+  reaches the block below. XLA:CPU otherwise defers every block's weight-gradient matmuls to
+  the end of the backward pass, and each block's recomputed activations live until then."""
+  return tree
+
+
+def _tied_fwd(tree):
+  # The residual marks the leaves that carry a gradient ((): perturbed, None: not), so the
+  # backward pass ties only those; a frozen weight's cotangent is never computed.
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef.unflatten(p.value for p in leaves), [() if p.perturbed else None for p in leaves]
+
+
+def _tied_bwd(perturbed, cotangents):
+  leaves, treedef = jax.tree.flatten(cotangents, is_leaf=lambda x: isinstance(x, SymbolicZero))
+  live = [i for i, mark in enumerate(perturbed) if mark is not None
+          and not isinstance(leaves[i], SymbolicZero)]
+  tied = dict(zip(live, lax.optimization_barrier([leaves[i] for i in live])))
+  return (treedef.unflatten(tied.get(i) for i in range(len(leaves))),)
+
+
+_tied.defvjp(_tied_fwd, _tied_bwd, symbolic_zeros=True)
+
+
+def _tied_checkpoint(fn, policy=None, static_argnums=()):
+  """flax's lift.checkpoint (nn.remat's core), its variables and traced arguments tied."""
+  def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args):
+    @functools.partial(jax.checkpoint, policy=policy, prevent_cse=True,
+                       static_argnums=tuple(i + 2 for i in static_argnums))
+    def rematted(variable_groups, rng_groups, *args):
+      scope = scope_fn(variable_groups, rng_groups)
+      return fn(scope, *args), repack_fn(scope)
+
+    traced = [i for i in range(len(args)) if i not in static_argnums]
+    variable_groups, values = _tied((variable_groups, [args[i] for i in traced]))
+    args = list(args)
+    for i, value in zip(traced, values):
+      args[i] = value
+    return rematted(variable_groups, rng_groups, *args)
+  return lift.pack(inner, (True,), (True,), (True,), name='remat')
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
