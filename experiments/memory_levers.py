@@ -86,13 +86,15 @@ def measure(args, remat: str, accum: int, impl: str, quantize: str = 'none') -> 
     for _ in range(calls):
       holder['state'], metrics = compiled(holder['state'], frozen, batch)
     return metrics
-  times = []
+  times, losses = [], []  # each update's mean loss: every setting starts from the same state
+  mean_loss = lambda metrics: round(float(metrics['loss'] / metrics['count']), 6)
   if args.steps:  # else compiled only: XLA's memory figures
-    jax.block_until_ready(update())
+    losses.append(mean_loss(update()))
   for _ in range(args.steps):
     tick = time.perf_counter()
-    jax.block_until_ready(update())
+    metrics = jax.block_until_ready(update())
     times.append(time.perf_counter() - tick)
+    losses.append(mean_loss(metrics))
   return {'model': args.model, 'method': args.method, 'batch': args.batch,
           'length': args.length, 'remat': remat, 'grad_accum_steps': calls * accum,
           'accum_impl': impl if calls * accum > 1 else '-', 'quantize_base': quantize,
@@ -100,7 +102,8 @@ def measure(args, remat: str, accum: int, impl: str, quantize: str = 'none') -> 
           'temp_mib': memory.temp_size_in_bytes / 2**20,
           'argument_mib': memory.argument_size_in_bytes / 2**20,
           'optimizer_state_mib': optim.state_bytes(holder['state']['opt_state']) / 2**20,
-          'update_s': statistics.median(times) if times else None, 'compile_s': compile_s}
+          'update_s': statistics.median(times) if times else None, 'compile_s': compile_s,
+          'losses': losses}
 
 
 def main():
