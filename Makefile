@@ -26,8 +26,9 @@ demo: install
 	$(PY) -m finetune_jax.main --config configs/default.py --workdir runs/default
 
 # Two workers (pytest-xdist), each whole test file on one of them: module fixtures run once.
+# The 15 slowest tests are listed at the end: the suite must stay under 15 minutes on 2 cores.
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean-runs:
 	rm -rf runs
