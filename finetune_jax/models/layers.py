@@ -71,11 +71,9 @@ def _tied_checkpoint(fn, policy=None, static_argnums=()):
       scope = scope_fn(variable_groups, rng_groups)
       return fn(scope, *args), repack_fn(scope)
 
-    traced = [i for i in range(len(args)) if i not in static_argnums]
-    variable_groups, values = _tied((variable_groups, [args[i] for i in traced]))
-    args = list(args)
-    for i, value in zip(traced, values):
-      args[i] = value
+    traced = {i: arg for i, arg in enumerate(args) if i not in static_argnums}
+    variable_groups, traced = _tied((variable_groups, traced))
+    args = [traced.get(i, arg) for i, arg in enumerate(args)]
     return rematted(variable_groups, rng_groups, *args)
   return lift.pack(inner, (True,), (True,), (True,), name='remat')
 
