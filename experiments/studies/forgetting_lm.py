@@ -5,8 +5,8 @@ SmolLM2-135M-Instruct (real weights) fine-tuned on the songs and poems of fortun
 (configs/smollm2_poems.py) fully, and with LoRA (rank 8 on q and v; its usual 10x higher
 rate), reporting the poems' held-out perplexity (what it learned) and Jane Austen's (what it
 kept of its source ability) before and after; 3 seeds. Budget for 2 CPU cores: rows of 128
-tokens, batches of 8, 40 steps, 60 poems held out for validation, and evaluations at the start and the end only, on the first 200 test poems and
-the first 128 Austen test rows (the whole poems test split alone took 6 minutes an evaluation).
+tokens, batches of 8, 40 steps, 60 poems held out for validation, and evaluations at the start
+and the end only, on the poems' test split (149 rows) and the first 128 Austen test rows.
 
   python -m finetune_jax.sweep --config experiments/studies/forgetting_lm.py \
       --workdir runs/forgetting_lm --seeds 3
@@ -25,7 +25,6 @@ def get_config(arg=None):
   c.warmup_steps = 5
   c.eval_every = c.total_steps
   c.checkpoint_every = 20
-  c.eval_split = 'test[:200]'
   c.validation_examples = 60.0
   c.generation.prompts = ()
   c.extra_evals = (('austen', 'austen', 'test[:128]'),)
