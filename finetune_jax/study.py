@@ -236,6 +236,10 @@ def run_ray(runs: list[Run], root: str, workers: int, address: str | None) -> di
   except ImportError:
     raise errors.ConfigError('executor', '--executor=ray needs Ray: pip install '
                              '"finetune_jax[ray]".') from None
+  if not address:
+    # Ray starts its workers at nice 15, which starves a training run beside any busy
+    # process (its JAX import alone took 35 s against 2 s); a run is the cluster's job here.
+    os.environ.setdefault('RAY_worker_niceness', '0')
   ray.init(address=address, include_dashboard=False, log_to_driver=False,
            **({} if address else {'num_cpus': workers}))
   try:
