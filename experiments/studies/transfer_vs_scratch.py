@@ -12,6 +12,10 @@ of scratch training that the report should be read with.
 
   python -m finetune_jax.sweep --config experiments/studies/transfer_vs_scratch.py \
       --workdir runs/transfer_vs_scratch --seeds 3
+
+Measured (test accuracy, mean of 3 seeds; experiments/results/transfer_vs_scratch/): ImageNet
+weights 0.837 / 0.895 / 0.900 on 300 / 3000 / all (`train_examples=0`) images, random init
+0.735 / 0.786 / 0.801: transfer with 300 images beats scratch with all of them at this budget.
 """
 import os
 import sys
