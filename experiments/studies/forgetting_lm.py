@@ -10,6 +10,10 @@ and the end only, on the poems' test split (149 rows) and the first 128 Austen t
 
   python -m finetune_jax.sweep --config experiments/studies/forgetting_lm.py \
       --workdir runs/forgetting_lm --seeds 3
+
+Measured (mean of 3 seeds; experiments/results/forgetting_lm/): poems test perplexity 85.35 ->
+41.64 full, 52.52 LoRA; Austen perplexity 74.67 -> 55.63 full, 58.96 LoRA. LoRA learns less;
+neither forgets at this budget (both improve on Austen).
 """
 import os
 import sys
