@@ -4,7 +4,7 @@ EfficientNet-Lite0 fine-tuned in full (every layer trains, so the two inits are 
 equal terms) from ImageNet weights or from random init (`efficientnet-lite0-random`, the head
 and the body initialised as in training from scratch), on 300, 3000 and all 55000 of the
 Fashion-MNIST training images left after the 5000 held out for validation; 3 seeds. Budget for
-2 CPU cores (18 runs of about 6 minutes): 500 steps of batch 32 each (about 53 epochs of the
+2 CPU cores (18 runs of 4 to 11 minutes): 500 steps of batch 32 each (about 53 epochs of the
 300, 0.3 epoch of the full set) and one evaluation, at the end; scratch trains the whole body
 at the head's rate, 1e-3. BatchNorm statistics never train here (the project's
 rule for fine-tuning), so the random init normalises with its initial statistics: a handicap
